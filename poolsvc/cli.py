@@ -1,0 +1,124 @@
+"""`ember`: the operator CLI.
+
+    ember run [--kernel K] [--initrd I] [--rootfs R] [--vcpus N] [--mem MIB] [--cmdline ARGS]
+    ember images build | show [--json]
+
+`ember run` boots a microVM with its serial console on this terminal, like
+firectl: it writes a Firecracker configuration file and starts `ember-vmm`
+with it (the CLI drives VMMs as processes; it never imports the VMM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _vmm_command() -> list[str]:
+    """How to start a VMM: the installed console script, else this interpreter."""
+    return [sys.executable, "-m", "vmm.main"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    kernel, initrd, rootfs, boot_args = args.kernel, args.initrd, args.rootfs, args.cmdline
+    if kernel is None:
+        from guest.images import ImagesNotBuilt, show
+        try:
+            images = show()
+        except ImagesNotBuilt as exc:
+            print(f"ember: {exc}", file=sys.stderr)
+            return 1
+        kernel = images["kernel"]
+        if boot_args is None:
+            boot_args = images["boot_args"]
+        if rootfs is None and initrd is None:
+            if args.root == "initrd" or not images.get("rootfs"):
+                initrd = images.get("initrd")
+            else:
+                rootfs = images["rootfs"]
+    if boot_args is None:
+        boot_args = "console=ttyS0 reboot=k panic=1"
+    if args.cmdline_append:
+        boot_args = f"{boot_args} {args.cmdline_append}"
+    config: dict = {
+        "boot-source": {"kernel_image_path": str(Path(kernel).resolve()), "boot_args": boot_args},
+        "machine-config": {"vcpu_count": args.vcpus, "mem_size_mib": args.mem},
+    }
+    if initrd:
+        config["boot-source"]["initrd_path"] = str(Path(initrd).resolve())
+    if rootfs:
+        config["drives"] = [{"drive_id": "rootfs", "path_on_host": str(Path(rootfs).resolve()),
+                             "is_root_device": True, "is_read_only": False}]
+    with tempfile.TemporaryDirectory(prefix="ember-run-") as tmp:
+        cfg = Path(tmp) / "vm.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        cmd = _vmm_command() + ["--no-api", "--config-file", str(cfg), "--id", args.id]
+        if args.boot_timer:
+            cmd.append("--boot-timer")
+        if args.level:
+            cmd += ["--level", args.level]
+        try:
+            return subprocess.call(cmd)
+        except KeyboardInterrupt:
+            return 130
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from guest import images
+    if args.images_cmd == "build":
+        images.build_all(jobs=args.jobs)
+        return 0
+    try:
+        info = images.show()
+    except images.ImagesNotBuilt as exc:
+        print(f"ember: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:14} {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ember", description="Ember: snapshot-centric microVM pools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="boot a microVM with its console on this terminal")
+    r.add_argument("--kernel", help="kernel image (vmlinux or bzImage); default: the built guest")
+    r.add_argument("--initrd", help="initramfs image")
+    r.add_argument("--rootfs", help="root filesystem image (virtio-block /dev/vda)")
+    r.add_argument("--root", choices=("rootfs", "initrd"), default="initrd",
+                   help="for the default guest: boot from its initramfs or its ext4 rootfs")
+    r.add_argument("--vcpus", type=int, default=1)
+    r.add_argument("--mem", type=int, default=128, help="guest memory in MiB")
+    r.add_argument("--cmdline", help="kernel command line (default: the guest's)")
+    r.add_argument("--cmdline-append", help="extra kernel arguments")
+    r.add_argument("--id", default=f"ember-run-{os.getpid()}")
+    r.add_argument("--boot-timer", action="store_true")
+    r.add_argument("--level", help="VMM log level")
+    r.set_defaults(func=cmd_run)
+
+    im = sub.add_parser("images", help="build or show the default guest images")
+    im_sub = im.add_subparsers(dest="images_cmd", required=True)
+    b = im_sub.add_parser("build", help="build kernel, initramfs and rootfs (cached)")
+    b.add_argument("--jobs", type=int, default=None)
+    s = im_sub.add_parser("show", help="paths and boot arguments of the built images")
+    s.add_argument("--json", action="store_true")
+    im.set_defaults(func=cmd_images)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+# Shared by setup.sh and test.sh.
+VENV="${EMBER_VENV:-$PWD/.venv}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Host packages Ember itself needs (the guest image build installs its own).
+HOST_PACKAGES=(python3 python3-venv python3-dev gcc make libffi-dev iproute2 e2fsprogs busybox-static cpio)
+
+ensure_host_packages() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "Ember needs root (for /dev/kvm, TAP devices and package installs): run with sudo" >&2
+        exit 1
+    fi
+    [ -e /dev/kvm ] || { echo "/dev/kvm is missing: Ember needs KVM" >&2; exit 1; }
+    local missing=()
+    for p in "${HOST_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing host packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_venv() {
+    local stamp="$VENV/.ember-installed"
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtualenv $VENV"
+        python3 -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        log "installing Ember and its Python dependencies"
+        "$VENV/bin/pip" install -q --upgrade pip
+        "$VENV/bin/pip" install -q -e ".[test]"
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,399 @@
+"""Unit tests of the default guest's image recipe (no kernel build, no guest boot)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from guest import images
+from guest.cpio import (
+    CpioEntry,
+    CpioError,
+    CpioFormatError,
+    CpioNameError,
+    entries_from_tree,
+    newc_archive,
+    parse_newc,
+)
+from guest.kconfig import FragmentSyntaxError, config_mismatches, parse_config
+from guest.kernel import (
+    FRAGMENT_PATH,
+    PATCH_DIR,
+    sync_patches,
+    kernel_cache_key,
+    load_kernel_inputs,
+    load_patches,
+)
+from guest.rootfs import (
+    INIT_SCRIPT_PATH,
+    REQUIRED_APPLETS,
+    BusyboxMissingApplets,
+    initramfs_bytes,
+    rootfs_cache_key,
+    stage_tree,
+)
+
+# --- kernel cache key ------------------------------------------------------
+
+PATCHES = (("0001-a.patch", b"--- a/x\n+++ b/x\n"), ("0002-b.patch", b"--- a/y\n+++ b/y\n"))
+
+
+def test_cache_key_is_stable_for_equal_inputs() -> None:
+    assert kernel_cache_key(b"CONFIG_SMP=y\n", PATCHES, "6.1.1-1") == kernel_cache_key(
+        b"CONFIG_SMP=y\n", tuple(PATCHES), "6.1.1-1"
+    )
+
+
+def test_cache_key_ignores_the_order_patches_are_listed_in() -> None:
+    assert kernel_cache_key(b"f", PATCHES, "v") == kernel_cache_key(b"f", PATCHES[::-1], "v")
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        dict(fragment=b"CONFIG_SMP=n\n"),
+        dict(patches=(PATCHES[0],)),
+        dict(patches=(PATCHES[0], ("0002-b.patch", b"--- a/y\n+++ b/z\n"))),
+        dict(patches=(PATCHES[0], ("0003-b.patch", PATCHES[1][1]))),
+        dict(source_version="6.1.2-1"),
+        dict(recipe_version=99),
+    ],
+    ids=["fragment", "patch-removed", "patch-content", "patch-renamed", "source-version", "recipe"],
+)
+def test_cache_key_changes_with_each_input(changed: dict) -> None:
+    base = dict(fragment=b"CONFIG_SMP=y\n", patches=PATCHES, source_version="6.1.1-1")
+    assert kernel_cache_key(**{**base, **changed}) != kernel_cache_key(**base)
+
+
+def test_cache_key_fields_cannot_run_into_each_other() -> None:
+    # The same bytes split differently between fragment and patch differ.
+    a = kernel_cache_key(b"AB", (("p", b"C"),), "v")
+    b = kernel_cache_key(b"A", (("p", b"BC"),), "v")
+    assert a != b
+
+
+def test_cache_key_of_the_shipped_inputs_follows_the_files(tmp_path: Path) -> None:
+    frag = tmp_path / "frag.config"
+    patches = tmp_path / "patches"
+    shutil.copyfile(FRAGMENT_PATH, frag)
+    shutil.copytree(PATCH_DIR, patches)
+    first = load_kernel_inputs("6.1.192-3", frag, patches).key
+    assert load_kernel_inputs("6.1.192-3", frag, patches).key == first
+    (tmp_path / "unrelated.txt").write_text("not an input")
+    (patches / "README").write_text("not a patch")
+    assert load_kernel_inputs("6.1.192-3", frag, patches).key == first
+    frag.write_text(frag.read_text() + "CONFIG_PRINTK=y\n")
+    second = load_kernel_inputs("6.1.192-3", frag, patches).key
+    assert second != first
+    victim = sorted(patches.glob("*.patch"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\n")
+    assert load_kernel_inputs("6.1.192-3", frag, patches).key not in (first, second)
+
+
+def test_rootfs_key_follows_init_and_busybox() -> None:
+    key = rootfs_cache_key(b"#!/bin/sh\n", b"busybox")
+    assert rootfs_cache_key(b"#!/bin/sh\n", b"busybox") == key
+    assert rootfs_cache_key(b"#!/bin/sh\necho\n", b"busybox") != key
+    assert rootfs_cache_key(b"#!/bin/sh\n", b"busybox2") != key
+    assert rootfs_cache_key(b"#!/bin/sh\n", b"busybox", recipe_version=99) != key
+
+
+# --- kernel config fragment ------------------------------------------------
+
+MUST_BE_SET = {
+    "CONFIG_64BIT": "y", "CONFIG_SMP": "y", "CONFIG_ACPI": "y", "CONFIG_PVH": "y",
+    "CONFIG_SERIAL_8250": "y", "CONFIG_SERIAL_8250_CONSOLE": "y",
+    "CONFIG_SERIAL_8250_NR_UARTS": "1", "CONFIG_SERIAL_8250_RUNTIME_UARTS": "1",
+    "CONFIG_SERIO_I8042": "y", "CONFIG_KEYBOARD_ATKBD": "y",
+    "CONFIG_BLK_DEV_INITRD": "y", "CONFIG_DEVTMPFS": "y", "CONFIG_DEVTMPFS_MOUNT": "y",
+    "CONFIG_PROC_FS": "y", "CONFIG_SYSFS": "y", "CONFIG_TMPFS": "y",
+    "CONFIG_VIRTIO_MMIO": "y", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES": "y",
+    "CONFIG_VIRTIO_BLK": "y", "CONFIG_VIRTIO_NET": "y",
+    "CONFIG_VSOCKETS": "y", "CONFIG_VIRTIO_VSOCKETS": "y",
+    "CONFIG_EXT4_FS": "y", "CONFIG_UNIX": "y", "CONFIG_INET": "y",
+    "CONFIG_VMGENID": "y", "CONFIG_DEVMEM": "y", "CONFIG_BINFMT_SCRIPT": "y",
+    "CONFIG_NO_HZ_IDLE": "y", "CONFIG_HZ_100": "y", "CONFIG_PREEMPT_NONE": "y",
+}
+MUST_BE_UNSET = (
+    "CONFIG_MODULES", "CONFIG_PCI", "CONFIG_RANDOMIZE_BASE", "CONFIG_JUMP_LABEL",
+    "CONFIG_KPROBES", "CONFIG_FTRACE", "CONFIG_PREEMPT_DYNAMIC", "CONFIG_RETPOLINE",
+    "CONFIG_RETHUNK", "CONFIG_CPU_MITIGATIONS", "CONFIG_PAGE_TABLE_ISOLATION",
+    "CONFIG_RD_GZIP", "CONFIG_RD_XZ", "CONFIG_RD_ZSTD", "CONFIG_RD_LZ4", "CONFIG_RD_LZMA",
+    "CONFIG_RD_BZIP2", "CONFIG_RD_LZO", "CONFIG_DEBUG_INFO",
+)
+
+
+def test_fragment_sets_every_must_have_option() -> None:
+    fragment = parse_config(FRAGMENT_PATH.read_text())
+    wrong = {k: fragment.get(k, "<absent>") for k, v in MUST_BE_SET.items() if fragment.get(k) != v}
+    assert wrong == {}
+
+
+def test_fragment_switches_off_patching_modules_and_mitigations() -> None:
+    fragment = parse_config(FRAGMENT_PATH.read_text())
+    assert [k for k in MUST_BE_UNSET if k not in fragment or fragment[k] is not None] == []
+
+
+def test_parse_config_reads_values_unset_lines_and_comments() -> None:
+    text = '# a comment\n\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_S="x y"\nCONFIG_A=n\n'
+    assert parse_config(text) == {"CONFIG_A": "n", "CONFIG_B": None, "CONFIG_S": '"x y"'}
+
+
+@pytest.mark.parametrize("line", ["CONFIG_A = y", "CONFIG_A", "# CONFIG_A is off", "SMP=y"])
+def test_parse_config_rejects_typos(line: str) -> None:
+    with pytest.raises(FragmentSyntaxError):
+        parse_config(line + "\n")
+
+
+def test_config_mismatches_finds_lost_and_unwanted_options() -> None:
+    fragment = {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": "1", "CONFIG_D": None, "CONFIG_E": None}
+    final = {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "4", "CONFIG_D": "n"}
+    lost = config_mismatches(fragment, final)
+    assert [m.symbol for m in lost] == ["CONFIG_B", "CONFIG_C"]
+    assert "fragment wants =1, .config has =4" in str(lost[1])
+    assert config_mismatches({"CONFIG_A": "y"}, {}) != []
+
+
+def test_patches_are_documented_and_target_the_expected_files() -> None:
+    patches = dict(load_patches())
+    targets = {
+        "alternative.c": "arch/x86/kernel/alternative.c",
+        "fpu": "arch/x86/kernel/fpu/core.c",
+        "fault": "arch/x86/mm/fault.c",
+        "acpica": "drivers/acpi/acpica/evhandler.c",
+        "acconfig": "include/acpi/acconfig.h",
+    }
+    assert len(patches) == 4
+    for data in patches.values():
+        text = data.decode()
+        header, _, body = text.partition("\n--- a/")
+        assert "Why:" in header and "inert on hardware KVM" in header
+        assert body, "no diff after the header"
+    joined = b"".join(patches.values()).decode()
+    for path in targets.values():
+        assert f"+++ b/{path}" in joined
+
+
+def _unified_diff(path: str, old: str, new: str) -> bytes:
+    import difflib
+
+    lines = difflib.unified_diff(
+        old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{path}", f"b/{path}"
+    )
+    return ("A header comment.\n\n" + "".join(lines)).encode()
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch not installed")
+def testsync_patches_reverts_only_what_changed(tmp_path: Path) -> None:
+    original = "one\ntwo\nthree\nfour\nfive\nsix\nseven\n"
+    (tmp_path / "f.txt").write_text(original)
+    with_a = original.replace("one", "ONE")
+    with_ab = with_a.replace("seven", "SEVEN")
+    patch_a = ("0001-a.patch", _unified_diff("f.txt", original, with_a))
+    patch_b = ("0002-b.patch", _unified_diff("f.txt", with_a, with_ab))
+    patch_b2 = ("0002-b.patch", _unified_diff("f.txt", with_a, with_a.replace("six", "SIX")))
+    said: list[str] = []
+
+    sync_patches(tmp_path, [patch_a, patch_b], said.append)
+    assert (tmp_path / "f.txt").read_text() == with_ab
+    said.clear()
+    sync_patches(tmp_path, [patch_a, patch_b2], said.append)
+    assert (tmp_path / "f.txt").read_text() == with_a.replace("six", "SIX")
+    assert said == ["kernel: reverting 0002-b.patch", "kernel: applying 0002-b.patch"]
+    said.clear()
+    sync_patches(tmp_path, [patch_a, patch_b2], said.append)
+    assert said == []
+    sync_patches(tmp_path, [], said.append)
+    assert (tmp_path / "f.txt").read_text() == original
+
+
+# --- cpio writer -----------------------------------------------------------
+
+def _sample_entries() -> list[CpioEntry]:
+    return [
+        CpioEntry.directory("bin"),
+        CpioEntry.file("bin/busybox", b"\x7fELF" + bytes(range(7)), 0o755),
+        CpioEntry.symlink("bin/sh", "/bin/busybox"),
+        CpioEntry.directory("dev"),
+        CpioEntry.char_device("dev/console", 5, 1),
+        CpioEntry.file("init", b"#!/bin/sh\n", 0o755),
+    ]
+
+
+def test_newc_round_trip() -> None:
+    entries = _sample_entries()
+    assert parse_newc(newc_archive(entries)) == entries
+
+
+def test_newc_layout_is_aligned_and_terminated() -> None:
+    data = newc_archive(_sample_entries())
+    assert data.startswith(b"070701")
+    assert len(data) % 4 == 0
+    offset, names = 0, []
+    while True:
+        assert offset % 4 == 0 and data[offset:offset + 6] == b"070701"
+        size = int(data[offset + 54:offset + 62], 16)
+        name_size = int(data[offset + 94:offset + 102], 16)
+        name = data[offset + 110:offset + 110 + name_size - 1].decode()
+        names.append(name)
+        body = offset + 110 + name_size
+        body += -body % 4
+        offset = body + size + (-(body + size) % 4)
+        if name == "TRAILER!!!":
+            break
+    assert offset == len(data)
+    assert names[-1] == "TRAILER!!!" and names[0] == "bin"
+
+
+def test_newc_is_reproducible() -> None:
+    assert newc_archive(_sample_entries()) == newc_archive(_sample_entries())
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
+def test_newc_is_read_by_gnu_cpio(tmp_path: Path) -> None:
+    data = newc_archive(_sample_entries())
+    listing = subprocess.run(
+        ["cpio", "-t", "-v", "--quiet", "-H", "newc"], input=data, capture_output=True, check=True
+    ).stdout.decode()
+    lines = listing.splitlines()
+    assert [line.split()[-1] if "->" not in line else line.split()[-3] for line in lines] == [
+        "bin", "bin/busybox", "bin/sh", "dev", "dev/console", "init",
+    ]
+    assert lines[4].startswith("crw-------") and "5," in lines[4]
+    assert lines[2].startswith("lrwxrwxrwx") and lines[2].endswith("-> /bin/busybox")
+
+
+def test_newc_rejects_children_before_parents_and_duplicates() -> None:
+    with pytest.raises(CpioError, match="parent"):
+        newc_archive([CpioEntry.file("bin/sh", b"")])
+    with pytest.raises(CpioError, match="duplicate"):
+        newc_archive([CpioEntry.file("init", b""), CpioEntry.file("init", b"")])
+
+
+@pytest.mark.parametrize("name", ["", "/init", "a/../b", "a//b", ".."])
+def test_newc_rejects_bad_names(name: str) -> None:
+    with pytest.raises(CpioNameError):
+        CpioEntry.file(name, b"")
+
+
+@pytest.mark.parametrize("cut", [0, 50, 115, -20])
+def test_parse_newc_rejects_truncated_archives(cut: int) -> None:
+    data = newc_archive(_sample_entries())
+    with pytest.raises(CpioFormatError):
+        parse_newc(data[:cut])
+
+
+def test_entries_from_tree_lists_parents_first(tmp_path: Path) -> None:
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    (tmp_path / "b" / "c" / "f").write_bytes(b"x")
+    (tmp_path / "a").symlink_to("b/c/f")
+    names = [e.name for e in entries_from_tree(tmp_path)]
+    assert names == ["a", "b", "b/c", "b/c/f"]
+
+
+# --- staged tree and initramfs ----------------------------------------------
+
+def _fake_busybox(tmp_path: Path, applets: list[str]) -> Path:
+    fake = tmp_path / "busybox"
+    fake.write_text("#!/bin/sh\n" + "".join(f"echo {a}\n" for a in applets))
+    fake.chmod(0o755)
+    return fake
+
+
+APPLETS = ["bin/sh", "bin/mount", "sbin/devmem", "usr/bin/setsid", "bin/cttyhack",
+           "sbin/reboot", "bin/base64", "bin/sleep", "sbin/init", "linuxrc", "usr/bin/[["]
+
+
+def test_stage_tree_and_initramfs(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    stage_tree(tree, b"#!/bin/sh\necho hi\n", busybox=_fake_busybox(tmp_path, APPLETS))
+    assert (tree / "sbin/init").readlink() == Path("/init")
+    assert (tree / "bin/sh").readlink() == Path("/bin/busybox")
+    assert not (tree / "linuxrc").exists()
+    assert stat.S_IMODE((tree / "init").stat().st_mode) == 0o755
+    entries = {e.name: e for e in parse_newc(initramfs_bytes(tree))}
+    assert entries["init"].data == b"#!/bin/sh\necho hi\n"
+    assert entries["sbin/init"].data == b"/init"
+    console = entries["dev/console"]
+    assert stat.S_ISCHR(console.mode) and (console.rdev_major, console.rdev_minor) == (5, 1)
+    assert entries["bin/busybox"].data == (tmp_path / "busybox").read_bytes()
+    for mount_point in ("proc", "sys", "dev", "tmp", "etc/ember/init.d"):
+        assert entries[mount_point].is_dir
+
+
+def test_stage_tree_refuses_a_busybox_without_needed_applets(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with pytest.raises(BusyboxMissingApplets, match="devmem"):
+        stage_tree(tree, b"", busybox=_fake_busybox(tmp_path, [a for a in APPLETS if "devmem" not in a]))
+
+
+# --- /init ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shell", ["sh", "busybox"])
+def test_init_script_parses(shell: str) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} not installed")
+    argv = [shell, "sh", "-n"] if shell == "busybox" else [shell, "-n"]
+    result = subprocess.run([*argv, str(INIT_SCRIPT_PATH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_init_script_uses_only_required_applets_it_checks_for() -> None:
+    text = INIT_SCRIPT_PATH.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    for applet in ("devmem", "setsid", "cttyhack", "reboot", "base64", "mount"):
+        assert applet in REQUIRED_APPLETS and applet in text
+    markers = ["EMBER-INIT-OK", "EMBER-CPUS=", "EMBER-MEMTOTAL-KB=", "EMBER-RUN-EXIT="]
+    positions = [text.index(f'echo "{m}') for m in markers]
+    assert positions == sorted(positions)
+
+
+# --- images API ------------------------------------------------------------------
+
+def test_run_arg_is_base64_of_the_script() -> None:
+    arg = images.run_arg("echo hi; exit 3\n")
+    assert arg.startswith("ember.run=") and " " not in arg
+    assert base64.b64decode(arg.removeprefix("ember.run=")) == b"echo hi; exit 3\n"
+    with pytest.raises(images.RunScriptTooLong):
+        images.run_arg("x" * 2000)
+
+
+def test_ember_home_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))
+    assert images.ember_home() == tmp_path.resolve()
+    monkeypatch.delenv("EMBER_HOME")
+    assert images.ember_home() == Path.home() / ".cache" / "ember"
+
+
+def test_show_without_a_build_says_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(images.ImagesNotBuilt, match="ember images build"):
+        images.show(tmp_path)
+
+
+def test_show_returns_the_manifest_and_notices_missing_files(tmp_path: Path) -> None:
+    manifest = {"boot_args": images.DEFAULT_BOOT_ARGS}
+    for field in ("kernel", "initrd", "rootfs", "system_map", "kernel_config"):
+        path = tmp_path / field
+        path.write_bytes(b"x")
+        manifest[field] = str(path)
+    (tmp_path / "images.json").write_text(json.dumps(manifest))
+    shown = images.show(tmp_path)
+    assert shown == manifest
+    json.dumps(shown)
+    (tmp_path / "rootfs").unlink()
+    with pytest.raises(images.ImagesNotBuilt, match="rootfs"):
+        images.show(tmp_path)
+
+
+def test_default_boot_args_leave_host_compatibility_to_the_vmm() -> None:
+    args = images.DEFAULT_BOOT_ARGS.split()
+    assert {"console=ttyS0", "reboot=k", "panic=1"} <= set(args)
+    assert not [a for a in args if a.startswith(("clearcpuid", "noxsave", "root="))]

@@ -1,0 +1,310 @@
+"""Build a microVM from its configuration: `build_for_boot`.
+
+The order follows what each step needs: memory before the kernel, the kernel
+before boot parameters, devices before the ACPI tables that describe them,
+vCPUs last. Every failure becomes a `BuildError` with a one-line message,
+after releasing whatever was already created.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from vmm.arch import x86_64 as arch
+from vmm.arch.x86_64 import layout
+from vmm.config import VmConfig
+from vmm.devices.bus import Bus
+from vmm.devices.legacy.i8042 import I8042, I8042PioAdapter
+from vmm.devices.legacy.serial import SerialPioAdapter, Uart16550
+from vmm.devices.legacy.serial_io import SerialInput
+from vmm.devices.pseudo.boot_timer import BootTimer
+from vmm.kvm import Kvm, KvmError
+from vmm.kvm import bindings as kb
+from vmm.loader import Cmdline, CmdlineError, LoaderError, load_initrd, load_kernel, parse_setup_header
+from vmm.memory import GuestMemory, GuestMemoryError
+from vmm.runtime import Vmm
+from vmm.vstate.vcpu import ExitKind, Vcpu, VmExit, install_kick_handler
+from vmm.vstate.vm import Vm, VmError
+
+log = structlog.get_logger("vmm.builder")
+
+COM1_BASE, COM1_PORTS, COM1_IRQ = 0x3F8, 8, 4
+I8042_BASE, I8042_PORTS, I8042_IRQ = 0x60, 5, 1
+
+_pvm_notice_given = False
+
+
+class BuildError(Exception):
+    """The microVM could not be built."""
+
+
+@dataclass
+class ConsoleIo:
+    """Where the serial console goes: host fds (None = none)."""
+    input_fd: int | None
+    output_fd: int | None
+
+
+def _pvm_notice() -> None:
+    global _pvm_notice_given
+    if not _pvm_notice_given:
+        _pvm_notice_given = True
+        log.warning(
+            "kvm_pvm host: the guest kernel's ring-0 code runs in KVM's instruction emulator "
+            "(about 1000x slower than hardware KVM); applying the PVM compatibility profile "
+            "(CX16 hidden, kernel args: " + arch.pvm_compat_cmdline() + ")")
+
+
+def _console_writer(fd: int | None) -> Callable[[bytes], None] | None:
+    if fd is None:
+        return None
+
+    def write(data: bytes, fd: int = fd) -> None:
+        os.write(fd, data)
+    return write
+
+
+def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance", boot_timer: bool = False,
+                   start_wall_ns: int = 0, start_cpu_ns: int = 0, pvm_compat: bool = True,
+                   console_in: int | None = None, console_out: int | None = 1) -> Vmm:
+    """Create a microVM ready to run `config`'s kernel; `Vmm.run()` starts it."""
+    if config.boot_source is None:
+        raise BuildError("no boot source: the configuration needs \"boot-source\" with \"kernel_image_path\"")
+    for name, value in (("drives", config.drives), ("network-interfaces", config.network_interfaces),
+                        ("vsock", config.vsock)):
+        if value:
+            raise BuildError(f"\"{name}\" is not supported yet (virtio devices are not implemented)")
+    mc = config.machine_config
+    vcpu_count, mem_mib = mc.vcpu_count, mc.mem_size_mib
+    pvm = arch.is_pvm_host() and pvm_compat
+    if pvm:
+        _pvm_notice()
+
+    try:
+        kvm = Kvm()
+    except KvmError as exc:
+        raise BuildError(f"cannot use KVM: {exc.strerror or exc}") from exc
+
+    cleanups: list[Callable[[], None]] = []
+    try:
+        return _build(config, kvm, cleanups, instance_id=instance_id, boot_timer=boot_timer,
+                      start_wall_ns=start_wall_ns, start_cpu_ns=start_cpu_ns, pvm=pvm,
+                      vcpu_count=vcpu_count, mem_mib=mem_mib,
+                      console=ConsoleIo(console_in, console_out))
+    except BaseException:
+        for fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception:
+                pass
+        kvm.close()
+        raise
+
+
+def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot_timer: bool,
+           start_wall_ns: int, start_cpu_ns: int, pvm: bool, vcpu_count: int, mem_mib: int,
+           console: ConsoleIo) -> Vmm:
+    bs = config.boot_source
+    # --- memory -------------------------------------------------------------------
+    try:
+        mem = GuestMemory.anonymous(arch.arch_memory_regions(mem_mib << 20))
+    except (GuestMemoryError, ValueError, OSError) as exc:
+        raise BuildError(f"cannot create {mem_mib} MiB of guest memory: {exc}") from exc
+    cleanups.append(mem.close)
+
+    # --- kernel, initrd, command line -----------------------------------------------
+    try:
+        kernel = load_kernel(mem, bs.kernel_image_path)
+    except LoaderError as exc:
+        raise BuildError(f"cannot load kernel: {exc}") from exc
+    setup_header = parse_setup_header(kernel.setup_header) if kernel.setup_header else None
+
+    initrd: tuple[int, int] | None = None
+    if bs.initrd_path:
+        first_region_end = mem.regions[0].end
+        max_addr = min(first_region_end, setup_header.initrd_limit) if setup_header else first_region_end
+        try:
+            initrd = load_initrd(mem, bs.initrd_path, kernel_end=kernel.kernel_end, max_addr=max_addr)
+        except LoaderError as exc:
+            raise BuildError(f"cannot load initrd: {exc}") from exc
+
+    cmdline = Cmdline(layout.CMDLINE_MAX_SIZE)
+    try:
+        cmdline.extend(bs.boot_args if bs.boot_args is not None else DEFAULT_BOOT_ARGS)
+        if pvm:
+            for arg in arch.pvm_compat_cmdline().split():
+                key = arg.split("=", 1)[0]
+                if not cmdline.has(key):
+                    cmdline.append(arg)
+    except CmdlineError as exc:
+        raise BuildError(f"invalid kernel command line: {exc}") from exc
+    mem.write(layout.CMDLINE_START, cmdline.as_bytes())
+
+    # --- the VM and its devices -----------------------------------------------------
+    install_kick_handler()
+    try:
+        vm = Vm(kvm, mem, track_dirty_pages=config.machine_config.track_dirty_pages)
+    except VmError as exc:
+        raise BuildError(str(exc)) from exc
+    cleanups.append(vm.close)
+
+    pio_bus, mmio_bus = Bus.pio(), Bus.mmio()
+    holder: dict[str, Vmm] = {}
+
+    def request_exit(ex: VmExit) -> None:
+        holder["vmm"].request_exit(ex)
+
+    serial_input_box: list[SerialInput] = []
+    uart = Uart16550(vm.interrupt_line(COM1_IRQ), _console_writer(console.output_fd),
+                     on_rx_space=lambda: serial_input_box and serial_input_box[0].on_rx_space())
+    serial = SerialPioAdapter(uart)
+    pio_bus.insert(serial, COM1_BASE, COM1_PORTS)
+
+    i8042 = I8042PioAdapter(I8042(
+        reset=lambda: request_exit(VmExit(ExitKind.RESET, "guest reset through the i8042 (reboot)", -1)),
+        interrupt=vm.interrupt_line(I8042_IRQ)))
+    pio_bus.insert(i8042, I8042_BASE, I8042_PORTS)
+
+    devices: dict[str, object] = {"serial": serial, "i8042": i8042}
+    if boot_timer:
+        timer = BootTimer(start_wall_ns, start_cpu_ns, _boot_time_log(instance_id))
+        mmio_bus.insert(timer, layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE)
+        devices["boot_timer"] = timer
+
+    # --- firmware tables and boot parameters ------------------------------------
+    try:
+        rsdp = arch.create_acpi_tables(mem, vcpu_count, [])
+        arch.setup_mptable(mem, vcpu_count)
+        e820 = arch.e820_map([(r.guest_addr, r.size) for r in mem.regions])
+        if kernel.pvh_entry is not None and _use_pvh(kernel):
+            arch.PvhStartInfo(e820, cmdline_addr=layout.CMDLINE_START, modules=[initrd] if initrd else [],
+                              rsdp_addr=rsdp).write(mem)
+            boot_sregs = arch.setup_pvh_sregs(mem)
+            boot_regs = arch.boot_regs_pvh(kernel.pvh_entry)
+        else:
+            arch.BootParams(e820, cmdline_addr=layout.CMDLINE_START, cmdline_len=len(str(cmdline)),
+                            initrd=initrd, rsdp_addr=rsdp, setup_header=kernel.setup_header).write(mem)
+            boot_sregs = arch.setup_long_mode(mem, mem.total_size)
+            boot_regs = arch.boot_regs_linux64(kernel.entry_64)
+    except (ValueError, GuestMemoryError, arch.BootParamsError) as exc:
+        raise BuildError(f"cannot write boot tables: {exc}") from exc
+
+    # --- vCPUs ------------------------------------------------------------------------
+    supported = [arch.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                 for e in kvm.get_supported_cpuid()]
+    hidden = arch.PVM_HOST_HIDDEN if pvm else frozenset()
+    tsc_deadline = bool(kvm.check_extension(kb.KVM_CAP_TSC_DEADLINE_TIMER))
+    vcpus: list[Vcpu] = []
+    try:
+        for i in range(vcpu_count):
+            fd = vm.fd.create_vcpu(i)
+            cleanups.append(fd.close)
+            fd.set_cpuid2(_to_kvm_cpuid(arch.build_cpuid(
+                supported, i, vcpu_count, hide_features=hidden, tsc_deadline=tsc_deadline)))
+            fd.set_msrs(arch.boot_msrs())
+            fpu = kb.kvm_fpu()
+            fpu.fcw, fpu.mxcsr = 0x37F, 0x1F80
+            fd.set_fpu(fpu)
+            fd.set_lapic(arch.set_lint(fd.get_lapic()))
+            if i == 0:
+                _apply_sregs(fd, boot_sregs)
+                _apply_regs(fd, boot_regs)
+            # APs stay in wait-for-SIPI (KVM's default with an in-kernel LAPIC):
+            # the guest starts them with INIT-SIPI-SIPI.
+            vcpus.append(Vcpu(fd, pio_bus, mmio_bus, request_exit))
+    except KvmError as exc:
+        raise BuildError(f"cannot configure vCPUs: {exc}") from exc
+
+    vmm = Vmm(instance_id=instance_id, kvm=kvm, vm=vm, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
+              devices=devices)
+    holder["vmm"] = vmm
+    for fn in cleanups:
+        vmm.add_cleanup(fn)
+    vmm.add_cleanup(kvm.close)
+    cleanups.clear()
+    if console.input_fd is not None:
+        _attach_console_input(vmm, serial, serial_input_box, console.input_fd)
+    log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,
+             entry="pvh" if kernel.pvh_entry is not None and _use_pvh(kernel) else "linux64", cmdline=str(cmdline))
+    return vmm
+
+
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+def _use_pvh(kernel) -> bool:
+    # Linux's 64-bit boot protocol entry is what Ember uses for vmlinux: it starts
+    # in long mode with the VMM's page tables. PVH is used for ELF kernels that
+    # only offer PVH (none so far); see docs/ for the comparison.
+    return False
+
+
+def _boot_time_log(instance_id: str) -> Callable[[str], None]:
+    def emit(line: str) -> None:
+        # Firecracker logs this line at info level; Ember prints it on stderr
+        # whatever the level, since --boot-timer asked for it.
+        print(f"[{instance_id}] {line}", file=sys.stderr, flush=True)
+    return emit
+
+
+def _attach_console_input(vmm: Vmm, serial: SerialPioAdapter, box: list, fd: int) -> None:
+    wake_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    vmm.add_cleanup(lambda: os.close(wake_efd))
+
+    def wake() -> None:
+        os.eventfd_write(wake_efd, 1)
+
+    def on_wake() -> None:
+        try:
+            os.eventfd_read(wake_efd)
+        except BlockingIOError:
+            pass
+        sin.on_wake()
+
+    sin = SerialInput(serial, wake, set_reading=lambda on: vmm.set_source_enabled(fd, on))
+    try:
+        vmm.add_source(fd, lambda: sin.on_readable(fd))
+    except PermissionError:
+        # epoll refuses regular files and /dev/null: such an input has nothing to wait for.
+        log.debug("console input is not pollable; the guest gets no console input", fd=fd)
+        return
+    box.append(sin)
+    try:
+        os.set_blocking(fd, False)
+    except OSError:
+        pass
+    vmm.add_source(wake_efd, on_wake)
+
+
+def _to_kvm_cpuid(entries) -> list[kb.kvm_cpuid_entry2]:
+    return [kb.kvm_cpuid_entry2(function=e.function, index=e.index, flags=e.flags,
+                                eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx) for e in entries]
+
+
+def _apply_regs(fd, regs) -> None:
+    r = kb.kvm_regs()
+    for name, _ in kb.kvm_regs._fields_:
+        setattr(r, name, getattr(regs, name))
+    fd.set_regs(r)
+
+
+def _apply_segment(dst: kb.kvm_segment, seg) -> None:
+    for name in ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl"):
+        setattr(dst, name, getattr(seg, name))
+    dst.unusable = seg.unusable
+
+
+def _apply_sregs(fd, sregs) -> None:
+    s = fd.get_sregs()
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        _apply_segment(getattr(s, name), getattr(sregs, name))
+    s.gdt.base, s.gdt.limit = sregs.gdt.base, sregs.gdt.limit
+    s.idt.base, s.idt.limit = sregs.idt.base, sregs.idt.limit
+    for name in ("cr0", "cr3", "cr4", "efer"):
+        setattr(s, name, getattr(sregs, name))
+    fd.set_sregs(s)

@@ -1,0 +1,203 @@
+"""Guest physical memory: regions backed by host mmaps, bounds-checked access.
+
+A guest physical address (GPA) is translated by finding the region holding
+it; every access checks that the whole range lies inside one region, so a
+guest-supplied address can never reach host memory outside guest RAM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+
+__all__ = [
+    "GuestMemoryError",
+    "GuestAddressOutOfRange",
+    "GuestRegion",
+    "GuestMemory",
+]
+
+
+class GuestMemoryError(Exception):
+    """Guest memory could not be set up or accessed."""
+
+
+class GuestAddressOutOfRange(GuestMemoryError):
+    """A guest physical range is not wholly inside one memory region."""
+
+
+@dataclass(eq=False)
+class GuestRegion:
+    """One contiguous slot of guest RAM backed by a host mapping."""
+
+    guest_addr: int
+    size: int
+    mapping: mmap.mmap
+    # Where the mapping came from, for snapshots: None for anonymous memory.
+    file_path: str | None = None
+    file_offset: int = 0
+    shared: bool = False
+    host_addr: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.mapping) != self.size:
+            raise GuestMemoryError("mapping size does not match region size")
+        # SAFETY: from_buffer pins the mmap's buffer (the mmap cannot be closed
+        # while this export lives); we only take its address, which stays valid
+        # for as long as the region (and so the mapping) is alive.
+        buf = (ctypes.c_char * 1).from_buffer(self.mapping)
+        self.host_addr = ctypes.addressof(buf)
+        del buf
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.guest_addr <= gpa and gpa + length <= self.end and length >= 0
+
+    def __repr__(self) -> str:
+        return f"<GuestRegion {self.guest_addr:#x}..{self.end:#x} ({self.size >> 20} MiB)>"
+
+
+class GuestMemory:
+    """The guest's RAM: a sorted set of non-overlapping regions."""
+
+    def __init__(self, regions: list[GuestRegion]):
+        regions = sorted(regions, key=lambda r: r.guest_addr)
+        for a, b in zip(regions, regions[1:]):
+            if a.end > b.guest_addr:
+                raise GuestMemoryError(f"regions overlap: {a!r} and {b!r}")
+        self.regions = regions
+
+    # --- construction -------------------------------------------------------
+
+    @classmethod
+    def anonymous(cls, ranges: list[tuple[int, int]]) -> "GuestMemory":
+        """Private anonymous memory for each (guest_addr, size) range."""
+        regions = []
+        for gpa, size in ranges:
+            if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE:
+                raise GuestMemoryError(f"bad region {gpa:#x}+{size:#x}: not page aligned")
+            # SAFETY: a fresh private anonymous mapping, owned by the region.
+            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            regions.append(GuestRegion(gpa, size, m))
+        return cls(regions)
+
+    @classmethod
+    def from_file(cls, path: str, ranges: list[tuple[int, int]], *, shared: bool = False) -> "GuestMemory":
+        """Map a memory file: the ranges lie back to back in the file.
+
+        With shared=False the mapping is MAP_PRIVATE: pages come from the page
+        cache and are copied on the guest's first write (copy-on-write clones).
+        """
+        total = sum(size for _, size in ranges)
+        fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < total:
+                raise GuestMemoryError(f"memory file {path} is smaller than guest memory ({total} bytes)")
+            regions = []
+            offset = 0
+            for gpa, size in ranges:
+                flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+                # SAFETY: the file is at least offset+size long (checked above);
+                # the mapping outlives the fd and is owned by the region.
+                m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                regions.append(GuestRegion(gpa, size, m, file_path=path, file_offset=offset, shared=shared))
+                offset += size
+        finally:
+            os.close(fd)
+        return cls(regions)
+
+    def close(self) -> None:
+        for r in self.regions:
+            try:
+                r.mapping.close()
+            except BufferError:
+                # A view is still exported (e.g. a device holds one); the
+                # mapping goes away with the process.
+                pass
+
+    # --- queries -------------------------------------------------------------
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    @property
+    def last_addr(self) -> int:
+        return self.regions[-1].end - 1
+
+    def find_region(self, gpa: int, length: int = 1) -> GuestRegion:
+        for r in self.regions:
+            if r.contains(gpa, length):
+                return r
+        raise GuestAddressOutOfRange(f"guest range {gpa:#x}+{length:#x} is outside guest memory")
+
+    def check_range(self, gpa: int, length: int) -> bool:
+        if gpa < 0 or length < 0:
+            return False
+        try:
+            self.find_region(gpa, max(length, 1))
+        except GuestAddressOutOfRange:
+            return False
+        return True
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        r = self.find_region(gpa, length)
+        return r.host_addr + (gpa - r.guest_addr)
+
+    # --- access --------------------------------------------------------------
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of guest memory; the range must lie in one region."""
+        if gpa < 0 or length < 0:
+            raise GuestAddressOutOfRange(f"negative guest range {gpa:#x}+{length:#x}")
+        r = self.find_region(gpa, max(length, 1))
+        off = gpa - r.guest_addr
+        return memoryview(r.mapping)[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r = self.find_region(gpa, max(length, 1)) if length else None
+        if r is None:
+            return b""
+        off = gpa - r.guest_addr
+        return r.mapping[off:off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        if not length:
+            return
+        r = self.find_region(gpa, length)
+        off = gpa - r.guest_addr
+        r.mapping[off:off + length] = data
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.read(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.read(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def write_u8(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<B", v))
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<H", v))
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<I", v))
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<Q", v))
+
+    def __repr__(self) -> str:
+        return f"<GuestMemory {len(self.regions)} regions, {self.total_size >> 20} MiB>"

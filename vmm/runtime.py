@@ -1,0 +1,158 @@
+"""The running microVM: vCPU threads plus the VMM event loop on the main thread.
+
+The event loop waits on a few file descriptors: the vCPUs' exit eventfd
+(a vCPU stopped the VM), the console input, and later the API. Device
+emulation happens on the vCPU threads (exits) or here (host-side input); no
+thread ever blocks the others on guest input.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import selectors
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import structlog
+
+from vmm.kvm import Kvm
+from vmm.vstate.vcpu import ExitKind, Vcpu, VmExit
+from vmm.vstate.vm import Vm
+
+log = structlog.get_logger("vmm")
+
+
+@dataclass
+class EventSource:
+    """A file descriptor the event loop watches, with its handler."""
+    fd: int
+    on_readable: Callable[[], None]
+    enabled: bool = True
+
+
+class Vmm:
+    """One microVM: its VM, vCPUs, buses and devices, and the loop that drives them."""
+
+    def __init__(self, *, instance_id: str, kvm: Kvm, vm: Vm, vcpus: list[Vcpu], pio_bus, mmio_bus,
+                 devices: dict[str, object]):
+        self.instance_id = instance_id
+        self.kvm = kvm
+        self.vm = vm
+        self.vcpus = vcpus
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.devices = devices
+        self.exit: VmExit | None = None
+        self._exit_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._exits: queue.SimpleQueue[VmExit] = queue.SimpleQueue()
+        self._selector = selectors.DefaultSelector()
+        self._sources: dict[int, EventSource] = {}
+        self._cleanups: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self.add_source(self._exit_efd, self._on_vcpu_exit)
+
+    # --- wiring -------------------------------------------------------------------
+
+    def request_exit(self, ex: VmExit) -> None:
+        """Thread-safe: ask the event loop to stop the microVM."""
+        self._exits.put(ex)
+        os.eventfd_write(self._exit_efd, 1)
+
+    def add_source(self, fd: int, on_readable: Callable[[], None]) -> None:
+        self._sources[fd] = EventSource(fd, on_readable)
+        self._selector.register(fd, selectors.EVENT_READ)
+
+    def set_source_enabled(self, fd: int, enabled: bool) -> None:
+        src = self._sources.get(fd)
+        if src is None or src.enabled == enabled:
+            return
+        src.enabled = enabled
+        if enabled:
+            self._selector.register(fd, selectors.EVENT_READ)
+        else:
+            self._selector.unregister(fd)
+
+    def remove_source(self, fd: int) -> None:
+        src = self._sources.pop(fd, None)
+        if src is not None and src.enabled:
+            self._selector.unregister(fd)
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        for vcpu in self.vcpus:
+            vcpu.start(paused=paused)
+
+    def pause(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.pause()
+
+    def resume(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.resume()
+
+    def run(self) -> VmExit:
+        """Start the vCPUs and serve events until the guest or an error stops the VM."""
+        self.start()
+        try:
+            while self.exit is None:
+                self.poll_once(timeout=None)
+        except KeyboardInterrupt:
+            self.exit = VmExit(ExitKind.ERROR, "interrupted", -1)
+        finally:
+            self.shutdown()
+        if self.exit.kind is ExitKind.ERROR:
+            from vmm.logger import fatal
+            fatal(self.exit.reason)
+        else:
+            log.info("microVM stopped", reason=self.exit.reason)
+        return self.exit
+
+    def poll_once(self, timeout: float | None) -> None:
+        for key, _ in self._selector.select(timeout):
+            src = self._sources.get(key.fd)
+            if src is None:
+                continue
+            try:
+                src.on_readable()
+            except Exception as exc:  # a host-side handler must not take the VMM down
+                log.error("event handler failed", fd=key.fd, error=repr(exc))
+                self.remove_source(key.fd)
+
+    def _on_vcpu_exit(self) -> None:
+        try:
+            os.eventfd_read(self._exit_efd)
+        except BlockingIOError:
+            return
+        while True:
+            try:
+                ex = self._exits.get_nowait()
+            except queue.Empty:
+                break
+            if self.exit is None:
+                self.exit = ex
+
+    def shutdown(self) -> None:
+        """Stop every vCPU and release host resources. Idempotent."""
+        with self._lock:
+            vcpus, self.vcpus = self.vcpus, []
+            cleanups, self._cleanups = self._cleanups, []
+        for vcpu in vcpus:
+            try:
+                vcpu.finish(timeout=2.0)
+            except Exception as exc:
+                log.warning("vcpu did not finish", vcpu=vcpu.id, error=repr(exc))
+        for fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception as exc:
+                log.warning("cleanup failed", error=repr(exc))
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exit else "running"
+        return f"<Vmm {self.instance_id} {state} vcpus={len(self.vcpus)} {self.vm!r}>"
