@@ -4,7 +4,7 @@ VENV="${EMBER_VENV:-$PWD/.venv}"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Host packages Ember itself needs (the guest image build installs its own).
-HOST_PACKAGES=(python3 python3-venv python3-dev gcc make libffi-dev iproute2 e2fsprogs busybox-static cpio)
+HOST_PACKAGES=(python3 python3-venv python3-dev gcc make libffi-dev iproute2 e2fsprogs busybox-static cpio acpica-tools)
 
 ensure_host_packages() {
     if [ "$(id -u)" != 0 ]; then
@@ -36,4 +36,7 @@ ensure_venv() {
         "$VENV/bin/pip" install -q -e ".[test]"
         touch "$stamp"
     fi
+    # Byte-compile Ember so every VMM process starts without compiling its
+    # sources (the interpreter reads .pyc files even when told not to write them).
+    "$VENV/bin/python" -m compileall -q vmm snapshot poolsvc guest >/dev/null
 }

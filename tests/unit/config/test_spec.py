@@ -50,11 +50,9 @@ from .examples import ROUND_TRIP
 
 yaml = pytest.importorskip("yaml")
 
-SPEC_PATH = Path(
-    os.environ.get(
-        "EMBER_FIRECRACKER_SPEC", "/work/shared/reference/firecracker-api-v1.17.yaml"
-    )
-)
+# The contract lives in the steering repo's shared/, checked out beside this one.
+_DEFAULT_SPEC = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "firecracker-api-v1.17.yaml"
+SPEC_PATH = Path(os.environ.get("EMBER_FIRECRACKER_SPEC", _DEFAULT_SPEC))
 if not SPEC_PATH.is_file():
     pytest.skip(f"Firecracker API spec not found at {SPEC_PATH}", allow_module_level=True)
 
