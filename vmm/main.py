@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="Warning", help="log level: Error, Warning, Info, Debug, Trace, Off")
     p.add_argument("--no-pvm-compat", action="store_true",
                    help="on kvm_pvm hosts, do not apply the guest compatibility profile")
+    p.add_argument("--rip-profile", metavar="PATH",
+                   help="(Ember) sample each vCPU's RIP every --rip-profile-interval-ms and write them to PATH")
+    p.add_argument("--rip-profile-interval-ms", type=float, default=10.0)
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         fatal(str(exc))
         return 1
+    if args.rip_profile:
+        vmm.start_rip_profiler(args.rip_profile, args.rip_profile_interval_ms / 1000)
     exit_ = vmm.run()
     return exit_.exit_code
 

@@ -88,6 +88,35 @@ class Vmm:
         for vcpu in self.vcpus:
             vcpu.start(paused=paused)
 
+    def start_rip_profiler(self, path: str, interval_s: float = 0.01) -> None:
+        """Sample every vCPU's RIP each `interval_s` until the VM stops; write them to `path`.
+
+        The sampler kicks each vCPU out of KVM_RUN (the same signal that pauses
+        it) and the vCPU thread records its RIP; `bench/boot_profile.py` maps
+        the samples to kernel symbols.
+        """
+        for vcpu in self.vcpus:
+            vcpu.rip_samples = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(interval_s):
+                for vcpu in list(self.vcpus):
+                    vcpu.kick()
+
+        thread = threading.Thread(target=sample, name="rip-profiler", daemon=True)
+        thread.start()
+        vcpus = list(self.vcpus)
+
+        def finish() -> None:
+            stop.set()
+            thread.join()
+            with open(path, "w") as f:
+                for vcpu in vcpus:
+                    for rip in vcpu.rip_samples or ():
+                        f.write(f"{vcpu.id} {rip:#x}\n")
+        self.add_cleanup(finish)
+
     def pause(self) -> None:
         for vcpu in self.vcpus:
             vcpu.pause()

@@ -99,6 +99,8 @@ class Vcpu:
         self.on_exit = on_exit
         self.state = VcpuState.CREATED
         self.exit_counts: dict[str, int] = {}
+        # When set, each kick records the guest RIP here (boot profiling).
+        self.rip_samples: list[int] | None = None
         self._mailbox: queue.SimpleQueue = queue.SimpleQueue()
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -254,6 +256,8 @@ class Vcpu:
                 self.fd.set_mmio_read_data(self.mmio_bus.read(addr, size))
             case exits.Interrupted():
                 self._count("interrupted")
+                if self.rip_samples is not None:
+                    self.rip_samples.append(self.fd.get_regs().rip)
             case exits.Hlt():
                 self._count("hlt")
                 time.sleep(0.001)  # only without an in-kernel LAPIC; Ember always has one
