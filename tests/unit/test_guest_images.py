@@ -397,3 +397,26 @@ def test_default_boot_args_leave_host_compatibility_to_the_vmm() -> None:
     args = images.DEFAULT_BOOT_ARGS.split()
     assert {"console=ttyS0", "reboot=k", "panic=1"} <= set(args)
     assert not [a for a in args if a.startswith(("clearcpuid", "noxsave", "root="))]
+
+
+# --- host helpers -------------------------------------------------------------------
+
+def test_run_logged_keeps_the_output_and_quotes_it_on_failure(tmp_path: Path) -> None:
+    from guest.host import CommandFailed, run_logged
+
+    log = tmp_path / "logs" / "step.log"
+    said: list[str] = []
+    run_logged(["sh", "-c", "echo one; echo two"], log_path=log, label="step", progress=said.append,
+               heartbeat=0.0)
+    assert "one\ntwo\n" in log.read_text()
+    assert said and said[-1].startswith("step: ")
+    with pytest.raises(CommandFailed, match="(?s)exited 3.*boom"):
+        run_logged(["sh", "-c", "echo boom; exit 3"], log_path=log, label="step", progress=said.append)
+    assert "boom" in log.read_text()
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian host")
+def test_missing_packages_asks_dpkg() -> None:
+    from guest.host import missing_packages
+
+    assert missing_packages(["dpkg", "ember-surely-not-a-package"]) == ["ember-surely-not-a-package"]
