@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import selectors
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -126,16 +127,20 @@ class Vmm:
             vcpu.resume()
 
     def run(self) -> VmExit:
-        """Start the vCPUs and serve events until the guest or an error stops the VM."""
+        """Start the vCPUs and serve events until the guest, an error or a signal stops the VM."""
+        def on_signal(signum: int, frame) -> None:
+            self.request_exit(VmExit(ExitKind.SIGNAL, f"stopped by {signal.Signals(signum).name}", -1, signum))
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.start()
         try:
             while self.exit is None:
                 self.poll_once(timeout=None)
-        except KeyboardInterrupt:
-            self.exit = VmExit(ExitKind.ERROR, "interrupted", -1)
         finally:
             self.shutdown()
-        if self.exit.kind is ExitKind.ERROR:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.exit.kind in (ExitKind.ERROR, ExitKind.SIGNAL):
             from vmm.logger import fatal
             fatal(self.exit.reason)
         else:

@@ -68,6 +68,7 @@ class ExitKind(enum.Enum):
     RESET = "reset"          # guest reset (i8042 0xFE, triple fault, KVM reset event)
     SHUTDOWN = "shutdown"    # guest powered off
     ERROR = "error"          # the VMM could not continue (KVM error, unhandled exit)
+    SIGNAL = "signal"        # the VMM process was told to stop (SIGTERM, SIGINT)
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,12 @@ class VmExit:
     kind: ExitKind
     reason: str
     vcpu: int
+    signum: int = 0
 
     @property
     def exit_code(self) -> int:
+        if self.kind is ExitKind.SIGNAL:
+            return 128 + self.signum
         return 0 if self.kind in (ExitKind.RESET, ExitKind.SHUTDOWN) else 1
 
 
