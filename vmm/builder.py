@@ -17,16 +17,19 @@ import structlog
 
 from vmm.arch import x86_64 as arch
 from vmm.arch.x86_64 import layout
-from vmm.config import VmConfig
+from vmm.config import DriveConfig, VmConfig
+from vmm.device_manager import MmioDeviceManager
 from vmm.devices.bus import Bus
 from vmm.devices.legacy.i8042 import I8042, I8042PioAdapter
 from vmm.devices.legacy.serial import SerialPioAdapter, Uart16550
 from vmm.devices.legacy.serial_io import SerialInput
 from vmm.devices.pseudo.boot_timer import BootTimer
+from vmm.devices.virtio.block import Block, BlockError
 from vmm.kvm import Kvm, KvmError
 from vmm.kvm import bindings as kb
 from vmm.loader import Cmdline, CmdlineError, LoaderError, load_initrd, load_kernel, parse_setup_header
 from vmm.memory import GuestMemory, GuestMemoryError
+from vmm.rate_limiter import RateLimiter, RateLimiterError
 from vmm.runtime import Vmm
 from vmm.vstate.vcpu import ExitKind, Vcpu, VmExit, install_kick_handler
 from vmm.vstate.vm import Vm, VmError
@@ -75,8 +78,7 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
     """Create a microVM ready to run `config`'s kernel; `Vmm.run()` starts it."""
     if config.boot_source is None:
         raise BuildError("no boot source: the configuration needs \"boot-source\" with \"kernel_image_path\"")
-    for name, value in (("drives", config.drives), ("network-interfaces", config.network_interfaces),
-                        ("vsock", config.vsock)):
+    for name, value in (("network-interfaces", config.network_interfaces), ("vsock", config.vsock)):
         if value:
             raise BuildError(f"\"{name}\" is not supported yet (virtio devices are not implemented)")
     mc = config.machine_config
@@ -133,17 +135,6 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         except LoaderError as exc:
             raise BuildError(f"cannot load initrd: {exc}") from exc
 
-    cmdline = Cmdline(layout.CMDLINE_MAX_SIZE)
-    try:
-        cmdline.extend(bs.boot_args if bs.boot_args is not None else DEFAULT_BOOT_ARGS)
-        if pvm:
-            for arg in arch.pvm_compat_cmdline().split():
-                key = arg.split("=", 1)[0]
-                if not cmdline.has(key):
-                    cmdline.append(arg)
-    except CmdlineError as exc:
-        raise BuildError(f"invalid kernel command line: {exc}") from exc
-    mem.write(layout.CMDLINE_START, cmdline.as_bytes())
 
     # --- the VM and its devices -----------------------------------------------------
     install_kick_handler()
@@ -176,9 +167,39 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         mmio_bus.insert(timer, layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE)
         devices["boot_timer"] = timer
 
+    # --- virtio devices -----------------------------------------------------------------
+    dm = MmioDeviceManager(vm, mmio_bus, mem)
+    cleanups.append(dm.close)
+    rate_limiters: list[tuple[RateLimiter, Callable[[], None]]] = []
+    for drive in config.drives_in_device_order:
+        block = _build_block(drive, rate_limiters)
+        cleanups.append(block.backend.close)
+        dm.attach(f"drive:{drive.drive_id}", block)
+    devices["virtio"] = dm
+
+    # --- kernel command line -----------------------------------------------------------
+    cmdline = Cmdline(layout.CMDLINE_MAX_SIZE)
+    try:
+        cmdline.extend(bs.boot_args if bs.boot_args is not None else DEFAULT_BOOT_ARGS)
+        root = config.root_drive
+        if root is not None and not cmdline.has("root"):
+            cmdline.append(f"root=PARTUUID={root.partuuid}" if root.partuuid else "root=/dev/vda")
+            cmdline.append("ro" if root.is_read_only else "rw")
+        if cmdline.has("acpi") and "acpi=off" in cmdline.args:
+            for arg in dm.cmdline_args():
+                cmdline.append(arg)
+        if pvm:
+            for arg in arch.pvm_compat_cmdline().split():
+                key = arg.split("=", 1)[0]
+                if not cmdline.has(key):
+                    cmdline.append(arg)
+    except CmdlineError as exc:
+        raise BuildError(f"invalid kernel command line: {exc}") from exc
+    mem.write(layout.CMDLINE_START, cmdline.as_bytes())
+
     # --- firmware tables and boot parameters ------------------------------------
     try:
-        rsdp = arch.create_acpi_tables(mem, vcpu_count, [])
+        rsdp = arch.create_acpi_tables(mem, vcpu_count, dm.acpi_devices())
         arch.setup_mptable(mem, vcpu_count)
         e820 = arch.e820_map([(r.guest_addr, r.size) for r in mem.regions])
         if kernel.pvh_entry is not None and _use_pvh(kernel):
@@ -227,6 +248,10 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         vmm.add_cleanup(fn)
     vmm.add_cleanup(kvm.close)
     cleanups.clear()
+    for fd, handler in dm.event_sources():
+        vmm.add_source(fd, handler)
+    for limiter, on_ready in rate_limiters:
+        vmm.add_source(limiter.fd, _rate_limiter_handler(limiter, on_ready))
     if console.input_fd is not None:
         _attach_console_input(vmm, serial, serial_input_box, console.input_fd)
     log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,
@@ -235,6 +260,35 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
 
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+def _build_block(drive: DriveConfig, rate_limiters: list) -> Block:
+    if drive.is_vhost_user:
+        raise BuildError(f"drive {drive.drive_id}: vhost-user block devices are not supported")
+    limiter = None
+    if drive.rate_limiter is not None and drive.rate_limiter.enabled:
+        limiter = RateLimiter.from_config(drive.rate_limiter)
+    try:
+        block = Block(drive.drive_id, drive.path_on_host, read_only=bool(drive.is_read_only),
+                      is_root=drive.is_root_device, cache_type=drive.cache_type.value,
+                      rate_limiter=limiter, partuuid=drive.partuuid)
+    except BlockError as exc:
+        if limiter is not None:
+            limiter.close()
+        raise BuildError(f"drive {drive.drive_id}: {exc}") from exc
+    if limiter is not None:
+        rate_limiters.append((limiter, block.on_rate_limiter_ready))
+    return block
+
+
+def _rate_limiter_handler(limiter: RateLimiter, on_ready: Callable[[], None]) -> Callable[[], None]:
+    def handle() -> None:
+        try:
+            limiter.event_handler()
+        except RateLimiterError:
+            return  # spurious wake-up: the timer had not expired
+        on_ready()
+    return handle
 
 
 def _use_pvh(kernel) -> bool:
