@@ -5,6 +5,7 @@ import pytest
 from vmm.arch.x86_64.cpuid import (
     FEATURE_DEPENDS,
     FEATURES,
+    KVM_PV_FEATURES,
     PVM_CLEARCPUID,
     PVM_HOST_HIDDEN,
     BadCpuTopology,
@@ -174,12 +175,32 @@ def test_power_pmu_and_waitpkg():
 
 def test_kvm_leaves_pass_through():
     for table in (INTEL, AMD):
-        out = build_cpuid(table, 1, 2, hide_features=PVM_HOST_HIDDEN)
+        out = build_cpuid(table, 1, 2)
         for f in (0x40000000, 0x40000001):
             assert _get(out, f) == _get(table, f)
         sig = _get(out, 0x40000000)
         raw = b"".join(v.to_bytes(4, "little") for v in (sig.ebx, sig.ecx, sig.edx))
         assert raw == b"KVMKVMKVM\0\0\0"
+
+
+def test_pvm_profile_hides_hypercall_paravirt_features():
+    # On kvm_pvm a VMCALL from emulated ring 0 never completes: a 2-vCPU guest's AP hung on
+    # KVM_HC_SEND_IPI during SMP bring-up. Documentation/virt/kvm/x86/cpuid.rst bit numbers.
+    hypercall_bits = {"kvm_pv_unhalt": 7, "kvm_pv_send_ipi": 11, "kvm_pv_sched_yield": 13,
+                      "kvm_hc_map_gpa_range": 16}
+    assert {n: fb.bit for n, fb in KVM_PV_FEATURES.items()} == hypercall_bits
+    assert all((fb.leaf, fb.subleaf, fb.reg) == (0x40000001, 0, "eax") for fb in KVM_PV_FEATURES.values())
+    assert PVM_HOST_HIDDEN >= set(KVM_PV_FEATURES)
+    mask = sum(1 << b for b in hypercall_bits.values())
+    for table in (INTEL, AMD):
+        out = build_cpuid(table, 1, 2, hide_features=PVM_HOST_HIDDEN)
+        assert _get(out, 0x40000000) == _get(table, 0x40000000)
+        before, after = _get(table, 0x40000001).eax, _get(out, 0x40000001).eax
+        assert before & (1 << 11)  # the host offers PV_SEND_IPI ...
+        assert after == before & ~mask  # ... and only the hypercall features go
+        assert after & 1 and after >> 24 & 1  # kvmclock and its stable bit stay
+    # Clearing a KVM paravirt bit must not leak into clearcpuid=, which cannot name it.
+    assert "kvm" not in pvm_compat_cmdline() and "kvm" not in pvm_compat_cmdline(numeric=True)
 
 
 def test_output_is_sorted_unique_and_input_untouched():

@@ -14,6 +14,15 @@ def test_boot_msrs_match_firecracker():
     assert got[msr.MSR_MTRRdefType] == 0x806
 
 
+def test_boot_msrs_set_hwcr_tsc_freq_sel_last():
+    # Linux bsp_init_amd() warns "[Firmware Bug]: TSC doesn't count with P0 frequency!" when
+    # HWCR bit 24 is clear; KVM resets HWCR to 0. It goes last: KVM_SET_MSRS stops at the first
+    # refusal, and an older host KVM refuses the bit.
+    assert msr.MSR_K7_HWCR == 0xC0010015 and msr.MSR_K7_HWCR_TSC_FREQ_SEL == 1 << 24
+    assert msr.boot_msrs()[-1] == (msr.MSR_K7_HWCR, 1 << 24)
+    assert msr.msr_should_save(msr.MSR_K7_HWCR)  # and a snapshot carries it over
+
+
 def test_index_values():
     assert (msr.MSR_EFER, msr.MSR_STAR, msr.MSR_LSTAR, msr.MSR_CSTAR, msr.MSR_SYSCALL_MASK) == (
         0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084)

@@ -526,6 +526,106 @@ def test_console_polling_write_then_ier_restore_raises_thre(h):
     assert h.output.endswith(b"printk\n")
 
 
+class EdgeTriggeredGuest:
+    """A one-CPU Linux guest driving the UART through IRQ 4 as KVM delivers an irqfd.
+
+    Each rising edge of the UART's line latches the vector in the local APIC's IRR (edges that
+    come while it is latched coalesce, as for an edge-triggered IOAPIC pin); the CPU takes it
+    when interrupts are enabled and runs serial8250_interrupt(); an edge raised while the handler
+    runs is latched again and taken after its EOI. Nothing else moves bytes: if TX depends on a
+    THRE interrupt that never comes, the output stays in `xmit`.
+    """
+
+    def __init__(self) -> None:
+        self.h = Harness()
+        self.h.uart.interrupt = self._edge
+        self.edges = 0
+        self.irr = False
+        self.irqs_off = False
+        self.xmit = bytearray()  # the tty's circular buffer (uart_state.xmit)
+        self.received = bytearray()  # what the handler pushed to the tty's flip buffer
+
+    def _edge(self) -> None:
+        assert self.h.uart.irq_line  # an edge is a rising line, never a pulse on a low one
+        self.edges += 1
+        self.irr = True
+
+    def enable_irqs(self) -> int:
+        """local_irq_enable(): take latched interrupts; returns how many handler runs."""
+        self.irqs_off = False
+        runs = 0
+        while self.irr:
+            self.irr = False
+            self.received += linux_interrupt(self.h, self.xmit)
+            runs += 1
+        return runs
+
+    def tty_write(self, data: bytes) -> None:
+        """uart_write() -> serial8250_start_tx() -> __start_tx(): queue, then set IER.THRI if clear."""
+        self.xmit.extend(data)
+        ier = self.h.r(UART_IER)  # Linux keeps it in up->ier; same value
+        if not ier & UART_IER_THRI:  # serial8250_set_THRI()
+            self.h.w(UART_IER, ier | UART_IER_THRI)
+        if not self.irqs_off:
+            self.enable_irqs()
+
+    def console_write(self, text: bytes) -> None:
+        """serial8250_console_write(): save IER, IER=0, poll THRE per byte, wait for TEMT, restore IER."""
+        ier = self.h.r(UART_IER)
+        self.h.w(UART_IER, 0)
+        for ch in text:
+            assert self.h.r(UART_LSR) & UART_LSR_THRE
+            self.h.w(UART_TX, ch)
+        assert self.h.r(UART_LSR) & UART_LSR_TEMT
+        self.h.w(UART_IER, ier)
+
+
+def test_linux_tty_output_is_carried_by_thre_edges_alone():
+    """The register sequence of Linux 6.1's 8250 driver from probe to userspace output
+    (8250_port.c: autoconfig, serial8250_do_startup with its UART_BUG_THRE / UART_BUG_TXEN
+    tests, set_termios, then __start_tx / serial8250_handle_irq / serial8250_tx_chars /
+    __stop_tx, and printk's polling serial8250_console_write in between), with IRQ 4 as KVM
+    delivers it: edges only. Every byte must come out, in order, with no polling."""
+    g = EdgeTriggeredGuest()
+    h = g.h
+    assert linux_autoconfig(h) == "U6_16550A"
+    g.irqs_off = True  # serial8250_do_startup's tests run under spin_lock_irqsave
+    edges = g.edges
+    assert linux_startup(h) == set()  # THRE re-asserted on each THRI enable: no UART_BUG_THRE/TXEN
+    assert g.edges == edges + 3  # the two UART_BUG_THRE enables and the UART_BUG_TXEN enable
+    assert g.enable_irqs() == 1 and h.uart.irq_line is False  # one late, spurious run; line low
+
+    g.console_write(b"[   30.7] Run /init as init process\r\n")
+    assert g.edges == edges + 3  # IER without THRI: polling output raises nothing
+
+    edges = g.edges
+    first = b"EMBER-INIT-OK\r\nEMBER-CPUS=1\r\nEMBER-MEMTOTAL-KB=119164\r\n" * 3
+    g.tty_write(first)
+    assert h.output.endswith(first) and not g.xmit
+    bursts = -(-len(first) // 16)  # tx_loadsz of a 16550A
+    assert g.edges == edges + 1 + bursts  # start_tx's THRI enable, then one per burst
+    assert h.uart.irq_line is False and not h.r(UART_IER) & UART_IER_THRI  # __stop_tx ran
+
+    # A tty write and a printk on the same CPU with interrupts off: the THRE edge of start_tx is
+    # latched; console_write clears IER (dropping THRE) and its IER restore must raise it again.
+    g.irqs_off = True
+    g.tty_write(b"second\r\n")
+    g.console_write(b"printk\r\n")
+    assert h.output.endswith(first + b"printk\r\n")
+    assert g.xmit == bytearray(b"second\r\n")  # still queued: nothing is transmitted without IRQs
+    g.enable_irqs()
+    assert h.output.endswith(b"printk\r\nsecond\r\n") and not g.xmit
+
+    # Echo of console input: the RX interrupt, then the echo goes out through a new THRE edge.
+    edges = g.edges
+    assert h.uart.enqueue_input(b"ls\r") == 3
+    assert g.edges == edges + 1
+    g.enable_irqs()
+    assert g.received == b"ls\r"
+    g.tty_write(b"ls\r\n")
+    assert h.output.endswith(b"ls\r\n") and not g.xmit and h.uart.irq_line is False
+
+
 # --- output -------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,8 @@ intel/normalize.rs, amd/normalize.rs), written afresh:
   FDP_EXCPTN_ONLY and ZERO_FCS_FDS set on Intel, ARCH_CAPABILITIES clear
   on AMD (as Firecracker);
 * KVM's leaves 0x40000000 ("KVMKVMKVM\\0\\0\\0") and 0x40000001 (paravirt
-  features) pass through unchanged.
+  features) pass through, less the paravirt features `hide_features` names
+  (KVM_PV_FEATURES; the kvm_pvm profile hides those that need hypercalls).
 
 `hide_features` clears named feature bits (Linux's /proc/cpuinfo names, the
 same words `clearcpuid=` takes) and every feature that depends on them
@@ -49,6 +50,7 @@ __all__ = [
     "FeatureBit",
     "FEATURES",
     "FEATURE_DEPENDS",
+    "KVM_PV_FEATURES",
     "KVM_CPUID_FLAG_SIGNIFICANT_INDEX",
     "KVM_CPUID_SIGNATURE",
     "KVM_SIGNATURE",
@@ -143,11 +145,22 @@ def _bits(leaf: int, subleaf: int, reg: str, names: dict[int, str]) -> dict[str,
     return {name: FeatureBit(leaf, subleaf, reg, bit) for bit, name in names.items()}
 
 
+# KVM's paravirtual features in CPUID 0x40000001 EAX, named after their
+# KVM_FEATURE_ constants (Linux Documentation/virt/kvm/x86/cpuid.rst;
+# /proc/cpuinfo has no names for them and `clearcpuid=` does not reach them).
+# Only the ones a guest kernel drives with a KVM hypercall (VMCALL/VMMCALL,
+# Documentation/virt/kvm/x86/hypercalls.rst) are listed: PV_UNHALT
+# (KVM_HC_KICK_CPU, paravirt spinlocks), PV_SEND_IPI (KVM_HC_SEND_IPI),
+# PV_SCHED_YIELD (KVM_HC_SCHED_YIELD) and HC_MAP_GPA_RANGE.
+KVM_PV_FEATURES: dict[str, FeatureBit] = _bits(KVM_CPUID_FEATURES, 0, "eax", {
+    7: "kvm_pv_unhalt", 11: "kvm_pv_send_ipi", 13: "kvm_pv_sched_yield", 16: "kvm_hc_map_gpa_range",
+})
+
 # Feature flags by Linux name (arch/x86/include/asm/cpufeatures.h: the quoted
 # name, else the lower-cased X86_FEATURE_ suffix). Bit positions: Intel SDM
 # Vol. 2A, CPUID instruction, Table 3-10 (leaf 1 ECX), Table 3-11 (leaf 1
 # EDX), Table 3-8 (leaf 7 sub-leaves 0 and 1, leaf 0DH sub-leaf 1); AMD64 APM
-# Vol. 3 Appendix E.3.2 (leaf 8000_0001h ECX/EDX).
+# Vol. 3 Appendix E.3.2 (leaf 8000_0001h ECX/EDX). Then KVM_PV_FEATURES.
 FEATURES: dict[str, FeatureBit] = {
     **_bits(0x1, 0, "ecx", {
         0: "pni", 1: "pclmulqdq", 3: "monitor", 5: "vmx", 9: "ssse3", 12: "fma", 13: "cx16",
@@ -182,6 +195,7 @@ FEATURES: dict[str, FeatureBit] = {
         21: "tbm", 22: "topoext",
     }),
     **_bits(0x80000001, 0, "edx", {20: "nx", 26: "pdpe1gb", 27: "rdtscp"}),
+    **KVM_PV_FEATURES,
 }
 
 # feature -> the feature it needs (Linux arch/x86/kernel/cpu/cpuid-deps.c, for
@@ -216,8 +230,14 @@ PVM_CLEARCPUID: tuple[str, ...] = (
 )
 # Hidden in the CPUID table on a kvm_pvm host: CX16 (SLUB's cmpxchg16b; the
 # table bit is honoured), XSAVE (xrstor64; the kernel also gets `noxsave`),
-# and the clearcpuid list, so table and kernel agree.
-PVM_HOST_HIDDEN: frozenset[str] = frozenset({"cx16", "xsave", *PVM_CLEARCPUID})
+# the clearcpuid list, so table and kernel agree, and KVM's hypercall-based
+# paravirt features. A hypercall from emulated ring 0 never completes there:
+# KVM's emulator handles VMCALL by rewriting it into the vendor's native
+# hypercall instruction and re-executing it, which lands in the emulator
+# again (measured: a 2-vCPU Linux guest's AP spun forever on the VMCALL of
+# KVM_HC_SEND_IPI in __send_ipi_mask during SMP bring-up). Without them
+# Linux sends IPIs through the local APIC and spins natively.
+PVM_HOST_HIDDEN: frozenset[str] = frozenset({"cx16", "xsave", *PVM_CLEARCPUID, *KVM_PV_FEATURES})
 
 # Linux cpufeatures.h word numbers of the CPUID registers above, for
 # `clearcpuid=` bit numbers (word * 32 + bit).

@@ -51,6 +51,7 @@ __all__ = [
     "MSR_KERNEL_GS_BASE",
     "MSR_TSC_AUX",
     "MSR_K7_HWCR",
+    "MSR_K7_HWCR_TSC_FREQ_SEL",
     "MSR_SMI_COUNT",
     "MSR_IA32_UCODE_REV",
     "MSR_PLATFORM_INFO",
@@ -126,6 +127,11 @@ MSR_TSC_AUX = 0xC0000103
 # AMD64 APM Vol. 2 Appendix A: hardware configuration register; AMD's
 # "Speculative Store Bypass Disable" control for guests (KVM emulates it).
 MSR_K7_HWCR = 0xC0010015
+# AMD PPR for family 17h/19h, MSRC001_0015 [Hardware Configuration] bit 24
+# TscFreqSel: "the TSC increments at the P0 frequency" (read-as-one on every
+# CPU since family 10h revision C). KVM resets HWCR to 0 and, since the 2023
+# change "KVM: x86: Virtualize HWCR.TscFreqSel [bit 24]", lets the VMM set it.
+MSR_K7_HWCR_TSC_FREQ_SEL = 1 << 24
 MSR_AMD64_VIRT_SPEC_CTRL = 0xC001011F
 
 # --- KVM paravirtual MSRs (Documentation/virt/kvm/x86/msr.rst) --------------------
@@ -152,6 +158,14 @@ def boot_msrs() -> list[tuple[int, int]]:
     own), fast strings on in IA32_MISC_ENABLE, and MTRRs enabled with
     write-back as the default type so all RAM is cacheable (no variable or
     fixed range is set).
+
+    Last, HWCR.TscFreqSel as AMD hardware has it: Linux's bsp_init_amd()
+    reads it on family > 10h CPUs with an invariant TSC and otherwise warns
+    "[Firmware Bug]: TSC doesn't count with P0 frequency!". Intel guests
+    never read it. It is last because KVM_SET_MSRS stops at the first MSR
+    it refuses, and an older host KVM refuses this bit: there the guest only
+    keeps its warning. (Xen stopped exposing the bit because OpenBSD 7.3
+    then reads the P-state MSRs, which a VM lacks; Ember's guests are Linux.)
     """
     return [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -165,6 +179,7 @@ def boot_msrs() -> list[tuple[int, int]]:
         (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
         (MSR_MTRRdefType, MTRR_DEF_TYPE_ENABLE | MTRR_TYPE_WRBACK),
+        (MSR_K7_HWCR, MSR_K7_HWCR_TSC_FREQ_SEL),
     ]
 
 

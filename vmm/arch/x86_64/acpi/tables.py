@@ -17,9 +17,20 @@ Table header (§5.2.6) whose checksum byte makes the whole table sum to 0.
   Interrupt Source Override: KVM's default routing wires GSI n to IOAPIC
   pin n for all 24 pins, IRQ 0 included (real chipsets wire the PIT to pin
   2 and need "IRQ0 -> GSI2"; here that override would point the timer at
-  the wrong pin). Linux identity-maps ISA IRQs without an override, edge
-  and active high (mp_config_acpi_legacy_irqs), and in hardware-reduced
-  mode it does not use the PIT at all.
+  the wrong pin).
+* ISA IRQs in hardware-reduced mode. Linux installs no legacy PIC, so
+  nr_legacy_irqs() is 0: the IOAPIC gets a *dynamic* IRQ domain
+  (acpi_parse_ioapic), mp_config_acpi_legacy_irqs() maps nothing, and no
+  Linux IRQ 0-15 ever exists. A GSI gets a Linux IRQ number (24 and up)
+  only when a driver registers it from firmware: the DSDT _CRS below, read
+  by PNP/ACPI drivers (8250_pnp for PNP0501, i8042's PNP probe for
+  PNP0303, virtio_mmio for LNRO0005). Drivers that use a fixed ISA number
+  instead (the legacy 8250 platform port "irq = 4", the i8042 under
+  `i8042.nopnp`) fail request_irq() with -EINVAL; an override would not
+  help (measured: overrides for IRQ 1 and 4 became Linux IRQs 24 and 25).
+  So the guest needs a DSDT that loads and CONFIG_PNP/SERIAL_8250_PNP, and
+  must not be booted with `i8042.nopnp` (Firecracker dropped it from its
+  default command line for the same reason).
 * DSDT (§5.2.11.1): AML in \\_SB for COM1 (PNP0501), the i8042 (PNP0303),
   one LNRO0005 device per virtio-mmio window (Linux
   drivers/virtio/virtio_mmio.c matches that _HID and takes the first
