@@ -60,7 +60,8 @@ def _pvm_notice() -> None:
         log.warning(
             "kvm_pvm host: the guest kernel's ring-0 code runs in KVM's instruction emulator "
             "(about 1000x slower than hardware KVM); applying the PVM compatibility profile "
-            "(CX16 hidden, kernel args: " + arch.pvm_compat_cmdline() + ")")
+            "(CX16, XSAVE and KVM's hypercall-based paravirt features hidden from CPUID; kernel args: "
+            + arch.pvm_compat_cmdline() + ")")
 
 
 def _console_writer(fd: int | None) -> Callable[[bytes], None] | None:
