@@ -25,6 +25,7 @@ from vmm.devices.legacy.serial import SerialPioAdapter, Uart16550
 from vmm.devices.legacy.serial_io import SerialInput
 from vmm.devices.pseudo.boot_timer import BootTimer
 from vmm.devices.virtio.block import Block, BlockError
+from vmm.devices.virtio.net import Net, NetError
 from vmm.kvm import Kvm, KvmError
 from vmm.kvm import bindings as kb
 from vmm.loader import Cmdline, CmdlineError, LoaderError, load_initrd, load_kernel, parse_setup_header
@@ -79,7 +80,7 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
     """Create a microVM ready to run `config`'s kernel; `Vmm.run()` starts it."""
     if config.boot_source is None:
         raise BuildError("no boot source: the configuration needs \"boot-source\" with \"kernel_image_path\"")
-    for name, value in (("network-interfaces", config.network_interfaces), ("vsock", config.vsock)):
+    for name, value in (("vsock", config.vsock),):
         if value:
             raise BuildError(f"\"{name}\" is not supported yet (virtio devices are not implemented)")
     mc = config.machine_config
@@ -176,6 +177,15 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         block = _build_block(drive, rate_limiters)
         cleanups.append(block.backend.close)
         dm.attach(f"drive:{drive.drive_id}", block)
+    nets: list[Net] = []
+    for iface in config.network_interfaces:
+        try:
+            net = Net.from_config(iface)
+        except NetError as exc:
+            raise BuildError(f"network interface {iface.iface_id}: {exc}") from exc
+        cleanups.append(net.close)
+        dm.attach(f"net:{iface.iface_id}", net)
+        nets.append(net)
     devices["virtio"] = dm
 
     # --- kernel command line -----------------------------------------------------------
@@ -253,6 +263,10 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         vmm.add_source(fd, handler)
     for limiter, on_ready in rate_limiters:
         vmm.add_source(limiter.fd, _rate_limiter_handler(limiter, on_ready))
+    for net in nets:
+        for src in net.fds():
+            vmm.add_source(src.fd, src.on_readable)
+        net.connect_poller(vmm.set_source_enabled)
     if console.input_fd is not None:
         _attach_console_input(vmm, serial, serial_input_box, console.input_fd)
     log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,

@@ -50,6 +50,7 @@ class Vmm:
         self._exits: queue.SimpleQueue[VmExit] = queue.SimpleQueue()
         self._selector = selectors.DefaultSelector()
         self._sources: dict[int, EventSource] = {}
+        self._sources_lock = threading.RLock()
         self._cleanups: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self.add_source(self._exit_efd, self._on_vcpu_exit)
@@ -62,23 +63,27 @@ class Vmm:
         os.eventfd_write(self._exit_efd, 1)
 
     def add_source(self, fd: int, on_readable: Callable[[], None]) -> None:
-        self._sources[fd] = EventSource(fd, on_readable)
-        self._selector.register(fd, selectors.EVENT_READ)
+        with self._sources_lock:
+            self._sources[fd] = EventSource(fd, on_readable)
+            self._selector.register(fd, selectors.EVENT_READ)
 
     def set_source_enabled(self, fd: int, enabled: bool) -> None:
-        src = self._sources.get(fd)
-        if src is None or src.enabled == enabled:
-            return
-        src.enabled = enabled
-        if enabled:
-            self._selector.register(fd, selectors.EVENT_READ)
-        else:
-            self._selector.unregister(fd)
+        """Start or stop watching `fd`. Thread-safe: devices call it from vCPU threads too."""
+        with self._sources_lock:
+            src = self._sources.get(fd)
+            if src is None or src.enabled == enabled:
+                return
+            src.enabled = enabled
+            if enabled:
+                self._selector.register(fd, selectors.EVENT_READ)
+            else:
+                self._selector.unregister(fd)
 
     def remove_source(self, fd: int) -> None:
-        src = self._sources.pop(fd, None)
-        if src is not None and src.enabled:
-            self._selector.unregister(fd)
+        with self._sources_lock:
+            src = self._sources.pop(fd, None)
+            if src is not None and src.enabled:
+                self._selector.unregister(fd)
 
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         self._cleanups.append(fn)
