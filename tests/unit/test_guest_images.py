@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import array
 import base64
+import fcntl
 import json
+import os
 import shutil
+import socket
 import stat
 import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,8 +41,17 @@ from guest.kernel import (
 from guest.rootfs import (
     INIT_SCRIPT_PATH,
     REQUIRED_APPLETS,
+    ROOTFS_BUILD_PACKAGES,
+    TOOL_CC,
+    TOOL_CFLAGS,
+    TOOLS_DIR,
     BusyboxMissingApplets,
+    ToolBuildError,
+    compile_tool,
     initramfs_bytes,
+    is_static_elf,
+    load_tools,
+    make_ext4,
     rootfs_cache_key,
     stage_tree,
 )
@@ -102,6 +119,43 @@ def test_rootfs_key_follows_init_and_busybox() -> None:
     assert rootfs_cache_key(b"#!/bin/sh\necho\n", b"busybox") != key
     assert rootfs_cache_key(b"#!/bin/sh\n", b"busybox2") != key
     assert rootfs_cache_key(b"#!/bin/sh\n", b"busybox", recipe_version=99) != key
+
+
+TOOLS = (("ember-vsock", b"int main(void) { return 0; }\n"), ("other", b"int main(void) { return 1; }\n"))
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        dict(tools=TOOLS[:1]),
+        dict(tools=(TOOLS[0], ("other", b"int main(void) { return 2; }\n"))),
+        dict(tools=(TOOLS[0], ("renamed", TOOLS[1][1]))),
+        dict(toolchain="gcc 13.1.0 x86_64-linux-gnu libc6-dev=2.37"),
+    ],
+    ids=["tool-removed", "tool-source", "tool-renamed", "toolchain"],
+)
+def test_rootfs_key_follows_the_guest_tools(changed: dict) -> None:
+    base = dict(tools=TOOLS, toolchain="gcc 12.2.0 x86_64-linux-gnu libc6-dev=2.36")
+    key = rootfs_cache_key(b"init", b"busybox", **base)
+    assert rootfs_cache_key(b"init", b"busybox", tools=TOOLS[::-1], toolchain=base["toolchain"]) == key
+    assert rootfs_cache_key(b"init", b"busybox", **{**base, **changed}) != key
+
+
+def test_rootfs_key_follows_the_tool_source_files(tmp_path: Path) -> None:
+    tools = tmp_path / "tools"
+    shutil.copytree(TOOLS_DIR, tools)
+    first = rootfs_cache_key(b"init", b"busybox", load_tools(tools), "tc")
+    assert "ember-vsock" in dict(load_tools(tools))
+    (tools / "README").write_text("not a tool")
+    assert rootfs_cache_key(b"init", b"busybox", load_tools(tools), "tc") == first
+    source = tools / "ember-vsock.c"
+    source.write_bytes(source.read_bytes() + b"\n")
+    assert rootfs_cache_key(b"init", b"busybox", load_tools(tools), "tc") != first
+
+
+def test_the_build_installs_the_static_toolchain() -> None:
+    assert {"gcc", "libc6-dev", "linux-libc-dev"} <= set(images.BUILD_PACKAGES)
+    assert {"gcc", "libc6-dev"} <= set(ROOTFS_BUILD_PACKAGES)
 
 
 # --- kernel config fragment ------------------------------------------------
@@ -333,6 +387,371 @@ def test_stage_tree_refuses_a_busybox_without_needed_applets(tmp_path: Path) -> 
     tree.mkdir()
     with pytest.raises(BusyboxMissingApplets, match="devmem"):
         stage_tree(tree, b"", busybox=_fake_busybox(tmp_path, [a for a in APPLETS if "devmem" not in a]))
+
+
+def test_stage_tree_installs_guest_tools_in_bin(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    binary = tmp_path / "ember-vsock"
+    binary.write_bytes(b"\x7fELF tool")
+    binary.chmod(0o600)
+    stage_tree(tree, b"#!/bin/sh\n", busybox=_fake_busybox(tmp_path, APPLETS),
+               tools={"ember-vsock": binary})
+    assert stat.S_IMODE((tree / "bin/ember-vsock").stat().st_mode) == 0o755
+    entries = {e.name: e for e in parse_newc(initramfs_bytes(tree))}
+    assert entries["bin/ember-vsock"].data == b"\x7fELF tool"
+
+
+def test_stage_tree_refuses_a_tool_named_like_an_applet(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    binary = tmp_path / "sh"
+    binary.write_bytes(b"x")
+    with pytest.raises(ToolBuildError, match="clashes"):
+        stage_tree(tree, b"", busybox=_fake_busybox(tmp_path, APPLETS), tools={"sh": binary})
+
+
+def _stage_small_tree(root: Path, mtime: int) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tool").write_bytes(b"\x7fELF" + bytes(5000))
+    (root / "bin" / "[[").symlink_to("tool")
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    for path in (root / "bin" / "tool", root / "etc" / "passwd", root / "bin", root / "etc", root):
+        os.utime(path, (mtime, mtime))
+    return root
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None,
+                    reason="e2fsprogs not installed")
+def test_make_ext4_is_byte_reproducible(tmp_path: Path) -> None:
+    key = "ab" * 32
+    first, second, other = tmp_path / "1.ext4", tmp_path / "2.ext4", tmp_path / "3.ext4"
+    make_ext4(_stage_small_tree(tmp_path / "t1", 1_000_000), first, key)
+    # A different staging directory, other mtimes, a later ctime.
+    make_ext4(_stage_small_tree(tmp_path / "t2", 2_000_000), second, key)
+    assert first.read_bytes() == second.read_bytes()
+    make_ext4(_stage_small_tree(tmp_path / "t3", 1_000_000), other, "cd" * 32)
+    assert other.read_bytes() != first.read_bytes()
+    listing = subprocess.run(["debugfs", "-R", "stat /bin/[[", str(first)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "Type: symlink" in listing
+    assert [line.split()[1] for line in listing.splitlines() if "time:" in line] == ["0x00000001:00000000"] * 4
+
+
+# --- ember-vsock (guest/tools/ember-vsock.c) -------------------------------------
+
+def _have_static_libc() -> bool:
+    if shutil.which(TOOL_CC) is None:
+        return False
+    libc = subprocess.run([TOOL_CC, "-print-file-name=libc.a"], capture_output=True, text=True).stdout.strip()
+    return os.path.isabs(libc) and Path(libc).is_file()
+
+
+needs_static_cc = pytest.mark.skipif(not _have_static_libc(), reason="gcc or glibc's libc.a missing")
+VSOCK_SOURCE = dict(load_tools())["ember-vsock"]
+USAGE_START = "usage: ember-vsock listen PORT"
+
+
+@pytest.fixture(scope="module")
+def static_vsock(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not _have_static_libc():
+        pytest.skip("gcc or glibc's libc.a missing")
+    return compile_tool("ember-vsock", VSOCK_SOURCE, tmp_path_factory.mktemp("static"))
+
+
+# An LD_PRELOAD library that turns AF_VSOCK into abstract AF_UNIX sockets
+# named "<$EMBER_VSOCK_SHIM>-<port>" (the CID is ignored), so that the
+# tool's stream handling runs on hosts without a vsock loopback transport.
+# $EMBER_VSOCK_SHIM_SNDBUF, if set, is the sockets' SO_SNDBUF.
+VSOCK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <linux/vm_sockets.h>
+
+static socklen_t to_unix(const struct sockaddr *addr, struct sockaddr_un *un)
+{
+	const struct sockaddr_vm *vm = (const struct sockaddr_vm *)addr;
+	int n;
+	memset(un, 0, sizeof(*un));
+	un->sun_family = AF_UNIX;
+	n = snprintf(un->sun_path + 1, sizeof(un->sun_path) - 1, "%s-%u",
+		     getenv("EMBER_VSOCK_SHIM"), vm->svm_port);
+	return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
+}
+
+int socket(int domain, int type, int protocol)
+{
+	int (*real)(int, int, int) = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
+	const char *sndbuf = getenv("EMBER_VSOCK_SHIM_SNDBUF");
+	int fd, size;
+	if (domain != AF_VSOCK)
+		return real(domain, type, protocol);
+	fd = real(AF_UNIX, type, 0);
+	if (fd >= 0 && sndbuf) {
+		size = atoi(sndbuf);
+		setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+	}
+	return fd;
+}
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+	int (*real)(int, const struct sockaddr *, socklen_t) =
+		(int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "bind");
+	struct sockaddr_un un;
+	if (addr->sa_family != AF_VSOCK)
+		return real(fd, addr, len);
+	return real(fd, (struct sockaddr *)&un, to_unix(addr, &un));
+}
+
+int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+	int (*real)(int, const struct sockaddr *, socklen_t) =
+		(int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
+	struct sockaddr_un un;
+	if (addr->sa_family != AF_VSOCK)
+		return real(fd, addr, len);
+	return real(fd, (struct sockaddr *)&un, to_unix(addr, &un));
+}
+"""
+
+
+class ShimmedVsock:
+    """ember-vsock built dynamically, run with AF_VSOCK mapped to AF_UNIX."""
+
+    def __init__(self, tool: Path, shim: Path) -> None:
+        self.tool = tool
+        self.env = {**os.environ, "LD_PRELOAD": str(shim),
+                    "EMBER_VSOCK_SHIM": f"ember-vsock-test-{os.getpid()}-{uuid.uuid4().hex[:12]}"}
+
+    def address(self, port: int) -> bytes:
+        return f"\0{self.env['EMBER_VSOCK_SHIM']}-{port}".encode()
+
+    def run(self, *args: str, data: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(self.tool), *args], input=data, env=self.env,
+                              capture_output=True, timeout=timeout)
+
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([str(self.tool), *args], env=self.env, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ShimmedVsock {self.env['EMBER_VSOCK_SHIM']}>"
+
+
+@pytest.fixture(scope="module")
+def shim_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which(TOOL_CC) is None:
+        pytest.skip(f"{TOOL_CC} not installed")
+    out = tmp_path_factory.mktemp("shim")
+    (out / "shim.c").write_text(VSOCK_SHIM)
+    (out / "ember-vsock.c").write_bytes(VSOCK_SOURCE)
+    subprocess.run([TOOL_CC, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", out / "shim.so",
+                    out / "shim.c", "-ldl"], check=True)
+    dynamic_flags = [f for f in TOOL_CFLAGS if f != "-static"]
+    subprocess.run([TOOL_CC, *dynamic_flags, "-o", out / "ember-vsock", out / "ember-vsock.c"], check=True)
+    return out / "ember-vsock", out / "shim.so"
+
+
+@pytest.fixture
+def shimmed(shim_build: tuple[Path, Path]) -> ShimmedVsock:
+    return ShimmedVsock(*shim_build)
+
+
+@pytest.fixture
+def echo_server(shimmed: ShimmedVsock) -> Iterator[subprocess.Popen[bytes]]:
+    """`ember-vsock listen 5000` (no --once), ready to accept."""
+    server = shimmed.popen("listen", "5000", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None
+    assert server.stdout.readline() == b"listening on vsock port 5000\n"
+    yield server
+    server.kill()
+    server.wait()
+    server.stdout.close()
+    assert server.stderr is not None
+    server.stderr.close()
+
+
+def test_ember_vsock_links_statically(static_vsock: Path) -> None:
+    assert is_static_elf(static_vsock.read_bytes())
+    # The binary is small: glibc's static floor plus a little.
+    assert static_vsock.stat().st_size < 1 << 20
+
+
+@needs_static_cc
+def test_is_static_elf_tells_dynamic_from_static(shim_build: tuple[Path, Path]) -> None:
+    tool, shim = shim_build
+    assert not is_static_elf(tool.read_bytes())
+    assert not is_static_elf(b"#!/bin/sh\n")
+    assert not is_static_elf(b"\x7fELF" + bytes(60))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("frob",), ("listen",), ("listen", "x"), ("listen", "1", "--twice"), ("listen", "4294967296"),
+     ("connect", "2"), ("connect", "2", "-5"), ("connect", "2", "5000", "extra"), ("cid", "x")],
+    ids=lambda a: " ".join(a) or "no-args",
+)
+def test_ember_vsock_prints_usage_for_bad_arguments(static_vsock: Path, args: tuple[str, ...]) -> None:
+    result = subprocess.run([str(static_vsock), *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(USAGE_START)
+    assert "connect CID PORT" in result.stderr and "cid" in result.stderr
+
+
+@needs_static_cc
+def test_compile_tool_names_the_tool_that_fails(tmp_path: Path) -> None:
+    with pytest.raises(ToolBuildError, match="(?s)broken.*undeclared"):
+        compile_tool("broken", b"int main(void) { return nope; }\n", tmp_path)
+
+
+def test_connect_streams_16_mib_through_an_echo_server(shimmed: ShimmedVsock) -> None:
+    server = shimmed.popen("listen", "5000", "--once", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None
+    assert server.stdout.readline() == b"listening on vsock port 5000\n"
+    data = os.urandom(16 << 20)
+    result = shimmed.run("connect", "2", "5000", data=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == data
+    _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    server.stdout.close()
+
+
+def test_connect_prints_the_echo_of_a_line(shimmed: ShimmedVsock, echo_server: subprocess.Popen[bytes]) -> None:
+    result = shimmed.run("connect", "2", "5000", data=b"hi\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"hi\n", b"")
+    empty = shimmed.run("connect", "2", "5000", data=b"")
+    assert (empty.returncode, empty.stdout) == (0, b"")
+
+
+def test_listen_serves_connections_concurrently(
+    shimmed: ShimmedVsock, echo_server: subprocess.Popen[bytes]
+) -> None:
+    slow = shimmed.popen("connect", "2", "5000", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert slow.stdin is not None and slow.stdout is not None
+    slow.stdin.write(b"first\n")
+    slow.stdin.flush()
+    assert slow.stdout.readline() == b"first\n"
+    # The first connection is still open; a second one is served meanwhile.
+    assert shimmed.run("connect", "2", "5000", data=b"second\n", timeout=30).stdout == b"second\n"
+    slow.stdin.close()
+    assert slow.stdout.read() == b""
+    assert slow.wait(timeout=30) == 0
+    slow.stdout.close()
+
+
+def test_connect_exits_when_the_peer_closes(shimmed: ShimmedVsock) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(shimmed.address(6000))
+        listener.listen(1)
+        client = shimmed.popen("connect", "2", "6000", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"bye\n")
+    # stdin stays open: the client must leave on the peer's end of stream.
+    assert client.stdout is not None and client.stdin is not None
+    assert client.stdout.read() == b"bye\n"
+    assert client.wait(timeout=30) == 0
+    client.stdin.close()
+    client.stdout.close()
+
+
+def test_connect_half_closes_at_end_of_stdin(shimmed: ShimmedVsock) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(shimmed.address(6001))
+        listener.listen(1)
+        client = shimmed.popen("connect", "2", "6001", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"x" * 100_000)
+        client.stdin.close()
+        conn, _ = listener.accept()
+        with conn:
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+            # The client's end of stream came while it still reads from us.
+            conn.sendall(f"got {len(received)}\n".encode())
+    assert client.stdout.read() == b"got 100000\n"
+    assert client.wait(timeout=30) == 0
+    client.stdout.close()
+
+
+def test_connect_keeps_reading_while_its_sends_wait(shimmed: ShimmedVsock) -> None:
+    # A peer that talks before it listens: a client blocked in send() would
+    # never read, and both sides would wait on full buffers forever.
+    spoken = os.urandom(4 << 20)
+    heard = bytearray()
+
+    def talk_then_listen(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(spoken)
+            while chunk := conn.recv(65536):
+                heard.extend(chunk)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(shimmed.address(6002))
+        listener.listen(1)
+        peer = threading.Thread(target=talk_then_listen, args=(listener,), daemon=True)
+        peer.start()
+        said = os.urandom(4 << 20)
+        # A small send buffer, so that a blocking send() really would block.
+        shimmed.env["EMBER_VSOCK_SHIM_SNDBUF"] = "4096"
+        result = shimmed.run("connect", "2", "6002", data=said, timeout=60)
+        peer.join(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == spoken
+    assert bytes(heard) == said
+
+
+def test_connect_refused_is_one_line_and_exit_1(shimmed: ShimmedVsock) -> None:
+    result = shimmed.run("connect", "2", "6999", timeout=30)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.decode().splitlines() == ["ember-vsock: connect to 2:6999: Connection refused"]
+
+
+def _host_vsock() -> socket.socket | None:
+    try:
+        return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except (AttributeError, OSError):
+        return None
+
+
+def test_listen_on_a_vsock_port_in_use_fails_with_one_line(static_vsock: Path) -> None:
+    sock = _host_vsock()
+    if sock is None:
+        pytest.skip("no AF_VSOCK on this host")
+    with sock:
+        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        result = subprocess.run([str(static_vsock), "listen", str(port), "--once"],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"ember-vsock: bind to port {port}: Address already in use"]
+
+
+def test_cid_prints_the_local_cid(static_vsock: Path) -> None:
+    if not Path("/dev/vsock").exists():
+        pytest.skip("no /dev/vsock on this host")
+    buf = array.array("I", [0])
+    with open("/dev/vsock", "rb") as dev:
+        # SAFETY: the ioctl writes one unsigned int into buf, which is that size and outlives the call.
+        fcntl.ioctl(dev, socket.IOCTL_VM_SOCKETS_GET_LOCAL_CID, buf)
+    result = subprocess.run([str(static_vsock), "cid"], capture_output=True, text=True, timeout=30)
+    if buf[0] == socket.VMADDR_CID_ANY:
+        assert result.returncode == 1 and "no vsock transport" in result.stderr
+    else:
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"{buf[0]}\n", "")
 
 
 # --- /init ---------------------------------------------------------------------
