@@ -1,0 +1,111 @@
+"""virtio-vsock (virtio 1.1 §5.10) with Firecracker's hybrid host side: guest streams ⇄ host Unix sockets.
+
+`device` is the virtio device, `packet` the packet header and chain
+parsing, `connection` the pure per-connection state machine, `muxer` the
+Unix-socket host side (listener, connections, epoll set), `persist` the
+saved state, `metrics` the counters.
+"""
+
+from vmm.devices.virtio.vsock.connection import (
+    CONN_BUF_ALLOC,
+    CONN_PENDING_RX_MAX,
+    CONN_REQUEST_TIMEOUT_S,
+    CONN_SHUTDOWN_TIMEOUT_S,
+    Connection,
+    ConnectionUsageError,
+    ConnState,
+    ReadBudgetExceeded,
+    WriteCountInvalid,
+)
+from vmm.devices.virtio.vsock.device import (
+    CONFIG_SPACE_SIZE,
+    EVQ_INDEX,
+    RXQ_INDEX,
+    TXQ_INDEX,
+    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+    VSOCK_QUEUE_SIZE,
+    Vsock,
+    VsockError,
+)
+from vmm.devices.virtio.vsock.metrics import VsockMetrics
+from vmm.devices.virtio.vsock.muxer import (
+    MAX_CONNECT_LINE,
+    MAX_CONNECTIONS,
+    Muxer,
+    MuxerError,
+    UdsBindFailed,
+    UdsPathInUse,
+    parse_connect_command,
+)
+from vmm.devices.virtio.vsock.packet import (
+    MAX_PKT_BUF_SIZE,
+    VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+    VIRTIO_VSOCK_OP_CREDIT_UPDATE,
+    VIRTIO_VSOCK_OP_REQUEST,
+    VIRTIO_VSOCK_OP_RESPONSE,
+    VIRTIO_VSOCK_OP_RST,
+    VIRTIO_VSOCK_OP_RW,
+    VIRTIO_VSOCK_OP_SHUTDOWN,
+    VIRTIO_VSOCK_SHUTDOWN_RCV,
+    VIRTIO_VSOCK_SHUTDOWN_SEND,
+    VIRTIO_VSOCK_TYPE_STREAM,
+    VMADDR_CID_HOST,
+    VSOCK_PKT_HDR_SIZE,
+    PacketError,
+    PacketHeader,
+    RxBuffer,
+    TxPacket,
+    parse_rx_buffer,
+    parse_tx_packet,
+)
+from vmm.devices.virtio.vsock.persist import VsockPersistError, VsockState, VsockStateInvalid
+
+__all__ = [
+    "CONN_BUF_ALLOC",
+    "CONN_PENDING_RX_MAX",
+    "CONN_REQUEST_TIMEOUT_S",
+    "CONN_SHUTDOWN_TIMEOUT_S",
+    "Connection",
+    "ConnectionUsageError",
+    "ConnState",
+    "ReadBudgetExceeded",
+    "WriteCountInvalid",
+    "CONFIG_SPACE_SIZE",
+    "EVQ_INDEX",
+    "RXQ_INDEX",
+    "TXQ_INDEX",
+    "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET",
+    "VSOCK_QUEUE_SIZE",
+    "Vsock",
+    "VsockError",
+    "VsockMetrics",
+    "MAX_CONNECT_LINE",
+    "MAX_CONNECTIONS",
+    "Muxer",
+    "MuxerError",
+    "UdsBindFailed",
+    "UdsPathInUse",
+    "parse_connect_command",
+    "MAX_PKT_BUF_SIZE",
+    "VIRTIO_VSOCK_OP_CREDIT_REQUEST",
+    "VIRTIO_VSOCK_OP_CREDIT_UPDATE",
+    "VIRTIO_VSOCK_OP_REQUEST",
+    "VIRTIO_VSOCK_OP_RESPONSE",
+    "VIRTIO_VSOCK_OP_RST",
+    "VIRTIO_VSOCK_OP_RW",
+    "VIRTIO_VSOCK_OP_SHUTDOWN",
+    "VIRTIO_VSOCK_SHUTDOWN_RCV",
+    "VIRTIO_VSOCK_SHUTDOWN_SEND",
+    "VIRTIO_VSOCK_TYPE_STREAM",
+    "VMADDR_CID_HOST",
+    "VSOCK_PKT_HDR_SIZE",
+    "PacketError",
+    "PacketHeader",
+    "RxBuffer",
+    "TxPacket",
+    "parse_rx_buffer",
+    "parse_tx_packet",
+    "VsockPersistError",
+    "VsockState",
+    "VsockStateInvalid",
+]
