@@ -26,6 +26,7 @@ from vmm.devices.legacy.serial_io import SerialInput
 from vmm.devices.pseudo.boot_timer import BootTimer
 from vmm.devices.virtio.block import Block, BlockError
 from vmm.devices.virtio.net import Net, NetError
+from vmm.devices.virtio.vsock import Vsock, VsockError
 from vmm.kvm import Kvm, KvmError
 from vmm.kvm import bindings as kb
 from vmm.loader import Cmdline, CmdlineError, LoaderError, load_initrd, load_kernel, parse_setup_header
@@ -80,9 +81,6 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
     """Create a microVM ready to run `config`'s kernel; `Vmm.run()` starts it."""
     if config.boot_source is None:
         raise BuildError("no boot source: the configuration needs \"boot-source\" with \"kernel_image_path\"")
-    for name, value in (("vsock", config.vsock),):
-        if value:
-            raise BuildError(f"\"{name}\" is not supported yet (virtio devices are not implemented)")
     mc = config.machine_config
     vcpu_count, mem_mib = mc.vcpu_count, mc.mem_size_mib
     pvm = arch.is_pvm_host() and pvm_compat
@@ -186,6 +184,14 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         cleanups.append(net.close)
         dm.attach(f"net:{iface.iface_id}", net)
         nets.append(net)
+    vsock: Vsock | None = None
+    if config.vsock is not None:
+        try:
+            vsock = Vsock.from_config(config.vsock)
+        except VsockError as exc:
+            raise BuildError(f"vsock: {exc}") from exc
+        cleanups.append(vsock.close)
+        dm.attach("vsock", vsock)
     devices["virtio"] = dm
 
     # --- kernel command line -----------------------------------------------------------
@@ -267,6 +273,9 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         for src in net.fds():
             vmm.add_source(src.fd, src.on_readable)
         net.connect_poller(vmm.set_source_enabled)
+    if vsock is not None:
+        for fd, handler in vsock.fds():
+            vmm.add_source(fd, handler)
     if console.input_fd is not None:
         _attach_console_input(vmm, serial, serial_input_box, console.input_fd)
     log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,

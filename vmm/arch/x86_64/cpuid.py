@@ -51,6 +51,7 @@ __all__ = [
     "FEATURES",
     "FEATURE_DEPENDS",
     "KVM_PV_FEATURES",
+    "KVM_PV_MM_FEATURES",
     "KVM_CPUID_FLAG_SIGNIFICANT_INDEX",
     "KVM_CPUID_SIGNATURE",
     "KVM_SIGNATURE",
@@ -155,6 +156,15 @@ def _bits(leaf: int, subleaf: int, reg: str, names: dict[int, str]) -> dict[str,
 KVM_PV_FEATURES: dict[str, FeatureBit] = _bits(KVM_CPUID_FEATURES, 0, "eax", {
     7: "kvm_pv_unhalt", 11: "kvm_pv_send_ipi", 13: "kvm_pv_sched_yield", 16: "kvm_hc_map_gpa_range",
 })
+# KVM paravirt features that rely on the host acting for the guest's memory
+# management: PV TLB flush (the guest skips shootdown IPIs to preempted
+# vCPUs and trusts the host to flush on their next entry) and async page
+# faults. On a kvm_pvm host (shadow paging) a 2-vCPU Linux guest with these
+# on saw user processes read zeroes from their own mapped pages (stale
+# translations); hidden there, so the guest uses plain IPIs and faults.
+KVM_PV_MM_FEATURES: dict[str, FeatureBit] = _bits(KVM_CPUID_FEATURES, 0, "eax", {
+    4: "kvm_async_pf", 9: "kvm_pv_tlb_flush", 10: "kvm_async_pf_vmexit", 14: "kvm_async_pf_int",
+})
 
 # Feature flags by Linux name (arch/x86/include/asm/cpufeatures.h: the quoted
 # name, else the lower-cased X86_FEATURE_ suffix). Bit positions: Intel SDM
@@ -196,6 +206,7 @@ FEATURES: dict[str, FeatureBit] = {
     }),
     **_bits(0x80000001, 0, "edx", {20: "nx", 26: "pdpe1gb", 27: "rdtscp"}),
     **KVM_PV_FEATURES,
+    **KVM_PV_MM_FEATURES,
 }
 
 # feature -> the feature it needs (Linux arch/x86/kernel/cpu/cpuid-deps.c, for
@@ -237,7 +248,8 @@ PVM_CLEARCPUID: tuple[str, ...] = (
 # again (measured: a 2-vCPU Linux guest's AP spun forever on the VMCALL of
 # KVM_HC_SEND_IPI in __send_ipi_mask during SMP bring-up). Without them
 # Linux sends IPIs through the local APIC and spins natively.
-PVM_HOST_HIDDEN: frozenset[str] = frozenset({"cx16", "xsave", *PVM_CLEARCPUID, *KVM_PV_FEATURES})
+PVM_HOST_HIDDEN: frozenset[str] = frozenset(
+    {"cx16", "xsave", *PVM_CLEARCPUID, *KVM_PV_FEATURES, *KVM_PV_MM_FEATURES})
 
 # Linux cpufeatures.h word numbers of the CPUID registers above, for
 # `clearcpuid=` bit numbers (word * 32 + bit).
