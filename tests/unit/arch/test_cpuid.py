@@ -6,6 +6,7 @@ from vmm.arch.x86_64.cpuid import (
     FEATURE_DEPENDS,
     FEATURES,
     KVM_PV_FEATURES,
+    KVM_PV_MM_FEATURES,
     PVM_CLEARCPUID,
     PVM_HOST_HIDDEN,
     BadCpuTopology,
@@ -191,13 +192,16 @@ def test_pvm_profile_hides_hypercall_paravirt_features():
     assert {n: fb.bit for n, fb in KVM_PV_FEATURES.items()} == hypercall_bits
     assert all((fb.leaf, fb.subleaf, fb.reg) == (0x40000001, 0, "eax") for fb in KVM_PV_FEATURES.values())
     assert PVM_HOST_HIDDEN >= set(KVM_PV_FEATURES)
-    mask = sum(1 << b for b in hypercall_bits.values())
+    mm_bits = {"kvm_async_pf": 4, "kvm_pv_tlb_flush": 9, "kvm_async_pf_vmexit": 10, "kvm_async_pf_int": 14}
+    assert {n: fb.bit for n, fb in KVM_PV_MM_FEATURES.items()} == mm_bits
+    assert PVM_HOST_HIDDEN >= set(KVM_PV_MM_FEATURES)
+    mask = sum(1 << b for b in (*hypercall_bits.values(), *mm_bits.values()))
     for table in (INTEL, AMD):
         out = build_cpuid(table, 1, 2, hide_features=PVM_HOST_HIDDEN)
         assert _get(out, 0x40000000) == _get(table, 0x40000000)
         before, after = _get(table, 0x40000001).eax, _get(out, 0x40000001).eax
         assert before & (1 << 11)  # the host offers PV_SEND_IPI ...
-        assert after == before & ~mask  # ... and only the hypercall features go
+        assert after == before & ~mask  # ... and only the hypercall and PV-MM features go
         assert after & 1 and after >> 24 & 1  # kvmclock and its stable bit stay
     # Clearing a KVM paravirt bit must not leak into clearcpuid=, which cannot name it.
     assert "kvm" not in pvm_compat_cmdline() and "kvm" not in pvm_compat_cmdline(numeric=True)
