@@ -4,10 +4,12 @@
 * `testguest` (session): path of the purpose-built test guest ELF, built with
   gcc from tests/guests (cached; see docs/test-guests.md).
 * `run_vmm(kernel, boot_args, vcpus=1, mem_mib=128, stdin=None, timeout=60,
-  extra_args=())`: boots a microVM from a Firecracker-style JSON config with
+  extra_args=(), config_extra=None, wrapper=())`: boots a microVM from a Firecracker-style JSON config with
   `python -m vmm.main --no-api --config-file <file>` and returns
   `VmmResult(returncode, stdout, stderr)` (the guest's serial console is the
-  VMM's stdout). Also importable as a plain function from this module.
+  VMM's stdout). `config_extra` adds top-level config keys (`drives`,
+  `network-interfaces`, `vsock`, ...); `wrapper` prefixes the command (e.g.
+  `["ip", "netns", "exec", ns]`). Also importable as a plain function.
 * `spawn_vmm(...)`: the same, but returns a running `VmmProcess` to talk to
   (wait for output, send input); killed at teardown if still running.
 
@@ -84,18 +86,22 @@ class VmmResult(NamedTuple):
 
 
 def write_vm_config(path: Path, kernel: os.PathLike | str, boot_args: str, vcpus: int = 1,
-                    mem_mib: int = 128) -> Path:
-    """Write a Firecracker-style VM configuration file and return its path."""
+                    mem_mib: int = 128, extra: dict | None = None) -> Path:
+    """Write a Firecracker-style VM configuration file and return its path.
+
+    `extra` adds (or replaces) top-level keys, e.g. {"drives": [...]}.
+    """
     config = {
         "boot-source": {"kernel_image_path": str(kernel), "boot_args": boot_args},
         "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib},
+        **(extra or {}),
     }
     Path(path).write_text(json.dumps(config, indent=2))
     return Path(path)
 
 
-def _vmm_command(config: Path, extra_args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "vmm.main", "--no-api", "--config-file", str(config), *extra_args]
+def _vmm_command(config: Path, extra_args: Sequence[str], wrapper: Sequence[str] = ()) -> list[str]:
+    return [*wrapper, sys.executable, "-m", "vmm.main", "--no-api", "--config-file", str(config), *extra_args]
 
 
 def _vmm_env() -> dict[str, str]:
@@ -107,15 +113,16 @@ def _vmm_env() -> dict[str, str]:
 
 def run_vmm(kernel: os.PathLike | str, boot_args: str, vcpus: int = 1, mem_mib: int = 128,
             stdin: bytes | None = None, timeout: float = DEFAULT_TIMEOUT,
-            extra_args: Sequence[str] = ()) -> VmmResult:
+            extra_args: Sequence[str] = (), config_extra: dict | None = None,
+            wrapper: Sequence[str] = ()) -> VmmResult:
     """Boot `kernel` in a microVM until the VMM exits; return its status and output.
 
     `stdin` (bytes) is fed to the serial console; without it the console input is
     /dev/null. Raises VmmTimeout (with the output so far) after `timeout` seconds.
     """
     with tempfile.TemporaryDirectory(prefix="ember-vmm-") as tmp:
-        config = write_vm_config(Path(tmp) / "vm.json", kernel, boot_args, vcpus, mem_mib)
-        proc = subprocess.Popen(_vmm_command(config, extra_args), cwd=REPO_ROOT, env=_vmm_env(),
+        config = write_vm_config(Path(tmp) / "vm.json", kernel, boot_args, vcpus, mem_mib, config_extra)
+        proc = subprocess.Popen(_vmm_command(config, extra_args, wrapper), cwd=REPO_ROOT, env=_vmm_env(),
                                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
@@ -139,13 +146,13 @@ class VmmProcess:
     """A running `ember-vmm`: read its console as it comes, write to its console input."""
 
     def __init__(self, kernel: os.PathLike | str, boot_args: str, vcpus: int = 1, mem_mib: int = 128,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), config_extra: dict | None = None, wrapper: Sequence[str] = ()):
         self._tmp = tempfile.TemporaryDirectory(prefix="ember-vmm-")
-        config = write_vm_config(Path(self._tmp.name) / "vm.json", kernel, boot_args, vcpus, mem_mib)
+        config = write_vm_config(Path(self._tmp.name) / "vm.json", kernel, boot_args, vcpus, mem_mib, config_extra)
         self._cond = threading.Condition()
         self._out = bytearray()
         self._err = bytearray()
-        self.proc = subprocess.Popen(_vmm_command(config, extra_args), cwd=REPO_ROOT, env=_vmm_env(),
+        self.proc = subprocess.Popen(_vmm_command(config, extra_args, wrapper), cwd=REPO_ROOT, env=_vmm_env(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
         self._readers = [threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True),
@@ -266,12 +273,14 @@ def _run_vmm_fixture():
 
 @pytest.fixture
 def spawn_vmm() -> Iterator:
-    """Factory: spawn_vmm(kernel, boot_args, vcpus=1, mem_mib=128, extra_args=()) -> VmmProcess."""
+    """Factory: spawn_vmm(kernel, boot_args, vcpus=1, mem_mib=128, extra_args=(), config_extra=None,
+    wrapper=()) -> VmmProcess."""
     procs: list[VmmProcess] = []
 
     def spawn(kernel: os.PathLike | str, boot_args: str, vcpus: int = 1, mem_mib: int = 128,
-              extra_args: Sequence[str] = ()) -> VmmProcess:
-        p = VmmProcess(kernel, boot_args, vcpus, mem_mib, extra_args)
+              extra_args: Sequence[str] = (), config_extra: dict | None = None,
+              wrapper: Sequence[str] = ()) -> VmmProcess:
+        p = VmmProcess(kernel, boot_args, vcpus, mem_mib, extra_args, config_extra, wrapper)
         procs.append(p)
         return p
 

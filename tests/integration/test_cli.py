@@ -49,12 +49,12 @@ def test_vmm_rejects_bad_config_files(tmp_path, config, needle) -> None:
     assert needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_vmm_refuses_devices_it_does_not_have_yet(tmp_path, testguest) -> None:
+def test_vmm_reports_a_device_it_cannot_set_up(tmp_path, testguest) -> None:
     cfg = tmp_path / "vm.json"
     cfg.write_text(json.dumps({
         "boot-source": {"kernel_image_path": str(testguest), "boot_args": "mode=hello"},
-        "vsock": {"guest_cid": 3, "uds_path": str(tmp_path / "v.sock")},
+        "vsock": {"guest_cid": 3, "uds_path": str(tmp_path / "no-such-dir" / "v.sock")},
     }))
     p = subprocess.run([sys.executable, "-m", "vmm.main", "--no-api", "--config-file", str(cfg)],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-    assert p.returncode == 1 and "vsock" in p.stderr
+    assert p.returncode == 1 and "vsock" in p.stderr and "Traceback" not in p.stderr, p.stderr
