@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ def _vmm_command() -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     kernel, initrd, rootfs, boot_args = args.kernel, args.initrd, args.rootfs, args.cmdline
+    private_rootfs = False  # the built image is a shared cache: boot a copy of it
     if kernel is None:
         from guest.images import ImagesNotBuilt, show
         try:
@@ -40,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.root == "initrd" or not images.get("rootfs"):
                 initrd = images.get("initrd")
             else:
-                rootfs = images["rootfs"]
+                rootfs, private_rootfs = images["rootfs"], True
     if boot_args is None:
         boot_args = "console=ttyS0 reboot=k panic=1"
     if args.cmdline_append:
@@ -51,10 +53,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     if initrd:
         config["boot-source"]["initrd_path"] = str(Path(initrd).resolve())
-    if rootfs:
-        config["drives"] = [{"drive_id": "rootfs", "path_on_host": str(Path(rootfs).resolve()),
-                             "is_root_device": True, "is_read_only": False}]
     with tempfile.TemporaryDirectory(prefix="ember-run-") as tmp:
+        if rootfs:
+            if private_rootfs:
+                copy = Path(tmp) / "rootfs.ext4"
+                shutil.copyfile(rootfs, copy)
+                rootfs = copy
+            config["drives"] = [{"drive_id": "rootfs", "path_on_host": str(Path(rootfs).resolve()),
+                                 "is_root_device": True, "is_read_only": False}]
         cfg = Path(tmp) / "vm.json"
         cfg.write_text(json.dumps(config, indent=2))
         cmd = _vmm_command() + ["--no-api", "--config-file", str(cfg), "--id", args.id]
