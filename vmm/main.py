@@ -1,15 +1,28 @@
 """`ember-vmm`: one microVM per process, with Firecracker's command-line flags.
 
+    ember-vmm --api-sock /tmp/vm.sock [--config-file vm.json] [--id ID] ...
     ember-vmm --config-file vm.json --no-api [--boot-timer] [--id ID]
 
+With `--api-sock`, the VMM serves Firecracker's REST API on that Unix
+socket; the microVM is configured by PUT requests and started by
+InstanceStart. A `--config-file` is the same thing as a batch of those
+requests, applied before the API serves (through the same controller), and
+it always ends with InstanceStart; with `--no-api` the file alone boots the
+microVM. Until InstanceStart, the main thread runs a small pre-boot loop
+that only executes API requests; then it runs the microVM's event loop
+(`Vmm.run`), which serves the API too.
+
 Exit status: 0 when the guest reboots or powers off, 1 when the VMM fails
-(with a one-line reason on stderr), 2 for bad command-line arguments.
+(with a one-line reason on stderr), 2 for bad command-line arguments, 143
+on SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import sys
 import time
 
@@ -21,21 +34,52 @@ _START_WALL_NS = time.monotonic_ns()
 _START_CPU_NS = time.process_time_ns()
 
 DEFAULT_INSTANCE_ID = "anonymous-instance"
+# Firecracker src/firecracker/src/main.rs HTTP_MAX_PAYLOAD_SIZE.
+DEFAULT_HTTP_API_MAX_PAYLOAD_SIZE = 51200
+_LOG_LEVELS = ("Error", "Warning", "Info", "Debug", "Trace", "Off")
+
+
+def _log_level(text: str) -> str:
+    for level in (*_LOG_LEVELS, "Warn"):
+        if text.lower() == level.lower():
+            return level
+    raise argparse.ArgumentTypeError(f"invalid level {text!r}: expected one of {', '.join(_LOG_LEVELS)}")
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ember-vmm",
         description="Ember's virtual machine monitor: one microVM per process (Firecracker-compatible flags).")
-    p.add_argument("--api-sock", metavar="PATH", help="path of the API Unix socket")
+    p.add_argument("--api-sock", metavar="PATH", help="path of the API Unix socket (must not exist)")
     p.add_argument("--config-file", metavar="PATH", help="boot from a Firecracker JSON configuration")
     p.add_argument("--no-api", action="store_true", help="do not start the API server (needs --config-file)")
     p.add_argument("--id", default=DEFAULT_INSTANCE_ID, help="microVM identifier (default: %(default)s)")
+    p.add_argument("--http-api-max-payload-size", type=_size, default=DEFAULT_HTTP_API_MAX_PAYLOAD_SIZE,
+                   metavar="BYTES", help="largest API request body (default: %(default)s)")
+    p.add_argument("--mmds-size-limit", type=_size, metavar="BYTES",
+                   help="largest MMDS data store (default: --http-api-max-payload-size)")
+    p.add_argument("--metadata", metavar="PATH", help="JSON file whose object seeds the MMDS data store")
+    p.add_argument("--log-path", metavar="PATH", help="file or named pipe for JSON log lines (default: stderr)")
+    p.add_argument("--level", type=_log_level, default="Warning",
+                   help="log level: Error, Warning, Info, Debug, Trace, Off (default: %(default)s)")
+    p.add_argument("--module", help="log only events of loggers whose name starts with this (e.g. vmm.api)")
+    p.add_argument("--show-level", action="store_true", help="put the level in each log line")
+    p.add_argument("--show-log-origin", action="store_true", help="put the file and line in each log line")
+    p.add_argument("--metrics-path", metavar="PATH", help="file or named pipe for JSON metrics lines")
     p.add_argument("--boot-timer", action="store_true",
                    help="log Guest-boot-time when the guest writes the boot-complete magic")
     p.add_argument("--start-time-us", type=int, help="process start, monotonic µs (from a jailer)")
     p.add_argument("--start-time-cpu-us", type=int, help="process start, CPU µs (from a jailer)")
-    p.add_argument("--level", default="Warning", help="log level: Error, Warning, Info, Debug, Trace, Off")
     p.add_argument("--no-pvm-compat", action="store_true",
                    help="on kvm_pvm hosts, do not apply the guest compatibility profile")
     p.add_argument("--rip-profile", metavar="PATH",
@@ -45,54 +89,142 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Unwind through the `finally` blocks: vCPUs stopped, API socket removed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
         print(f"ember-vmm v{__version__}")
         return 0
 
-    from vmm.logger import configure_logging, fatal
+    from vmm.logger import LOGGER, LoggerError, configure_logging, fatal
+    LOGGER.instance_id = args.id
     configure_logging(args.level)
 
     if args.no_api and not args.config_file:
         fatal("--no-api needs --config-file")
         return 1
-    if not args.no_api:
-        if not args.api_sock:
-            fatal("the API server needs --api-sock PATH (or use --no-api with --config-file)")
+    if not args.no_api and not args.api_sock:
+        fatal("the API server needs --api-sock PATH (or use --no-api with --config-file)")
+        return 1
+
+    from vmm.api import (
+        ApiError,
+        ApiHandler,
+        ApiServer,
+        ApiServerError,
+        EventLoopChannel,
+        PutMmds,
+        VmmController,
+        actions_from_config,
+    )
+    from vmm.builder import build_for_boot
+    from vmm.config import ConfigError, LoggerConfig, LogLevel, MetricsConfig, VmConfig, read_json_file
+    from vmm.metrics import Metrics, MetricsError, PeriodicFlush
+    from vmm.mmds import MmdsStore
+
+    if args.log_path or args.show_level or args.show_log_origin or args.module:
+        try:
+            LOGGER.configure(LoggerConfig(
+                log_path=args.log_path, level=LogLevel(args.level if args.level != "Warn" else "Warning"),
+                show_level=True if args.show_level else None,
+                show_log_origin=True if args.show_log_origin else None, module=args.module))
+        except LoggerError as exc:
+            fatal(f"cannot configure the logger: {exc}")
             return 1
-        fatal("the API server is not implemented yet: use --no-api with --config-file")
-        return 1
 
-    from vmm.builder import BuildError, build_for_boot
-    from vmm.config import ConfigError, VmConfig
+    metrics = Metrics(args.id)
+    if args.metrics_path:
+        try:
+            metrics.configure(MetricsConfig(metrics_path=args.metrics_path))
+        except MetricsError as exc:
+            fatal(f"cannot configure the metrics: {exc}")
+            return 1
 
-    try:
-        config = VmConfig.from_file(args.config_file)
-    except ConfigError as exc:
-        fatal(f"invalid configuration {args.config_file}: {exc}")
-        return 1
+    mmds_limit = args.mmds_size_limit if args.mmds_size_limit is not None else args.http_api_max_payload_size
+    mmds = MmdsStore(mmds_limit)
+    mmds.set_aad(args.id)
 
     start_wall_ns = args.start_time_us * 1000 if args.start_time_us is not None else _START_WALL_NS
     start_cpu_ns = args.start_time_cpu_us * 1000 if args.start_time_cpu_us is not None else _START_CPU_NS
+    boot = functools.partial(
+        build_for_boot, instance_id=args.id, boot_timer=args.boot_timer, start_wall_ns=start_wall_ns,
+        start_cpu_ns=start_cpu_ns, pvm_compat=not args.no_pvm_compat,
+        console_in=sys.stdin.fileno() if _stdin_usable() else None, console_out=sys.stdout.fileno())
+    controller = VmmController(boot=boot, instance_id=args.id, metrics=metrics, mmds=mmds)
+
+    if args.metadata:
+        try:
+            data = read_json_file(args.metadata)
+        except ConfigError as exc:
+            fatal(f"invalid metadata file {args.metadata}: {exc}")
+            return 1
+        if not isinstance(data, dict):
+            fatal(f"invalid metadata file {args.metadata}: the MMDS contents must be a JSON object")
+            return 1
+        result = controller.handle(PutMmds(data))
+        if isinstance(result, ApiError):
+            fatal(f"invalid metadata file {args.metadata}: {result.fault_message}")
+            return 1
+
+    actions = None
+    if args.config_file:
+        try:
+            actions = actions_from_config(VmConfig.from_file(args.config_file))
+        except ConfigError as exc:
+            fatal(f"invalid configuration {args.config_file}: {exc}")
+            return 1
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    channel = EventLoopChannel()
+    server: ApiServer | None = None
+    flusher: PeriodicFlush | None = None
     try:
-        vmm = build_for_boot(
-            config,
-            instance_id=args.id,
-            boot_timer=args.boot_timer,
-            start_wall_ns=start_wall_ns,
-            start_cpu_ns=start_cpu_ns,
-            pvm_compat=not args.no_pvm_compat,
-            console_in=sys.stdin.fileno() if _stdin_usable() else None,
-            console_out=sys.stdout.fileno(),
-        )
-    except BuildError as exc:
-        fatal(str(exc))
-        return 1
-    if args.rip_profile:
-        vmm.start_rip_profiler(args.rip_profile, args.rip_profile_interval_ms / 1000)
-    exit_ = vmm.run()
-    return exit_.exit_code
+        if not args.no_api:
+            server = ApiServer(args.api_sock, ApiHandler.through_channel(channel, controller.handle, metrics),
+                               max_payload=args.http_api_max_payload_size)
+            try:
+                server.start()
+            except ApiServerError as exc:
+                server = None
+                fatal(str(exc))
+                return 1
+            metrics.gauge("api_server", "process_startup_time_us").set((time.monotonic_ns() - start_wall_ns) // 1000)
+            metrics.gauge("api_server", "process_startup_time_cpu_us").set(
+                (time.process_time_ns() - start_cpu_ns) // 1000)
+
+        if actions is not None:
+            error = controller.apply(actions)
+            if error is not None:
+                fatal(error.fault_message)
+                return 1
+        else:
+            try:
+                channel.run_until(lambda: controller.vmm is not None)
+            except KeyboardInterrupt:
+                fatal("interrupted before InstanceStart")
+                return 1
+
+        vmm = controller.vmm
+        assert vmm is not None
+        vmm.add_source(channel.fileno(), channel.serve)
+        if args.rip_profile:
+            vmm.start_rip_profiler(args.rip_profile, args.rip_profile_interval_ms / 1000)
+        flusher = PeriodicFlush(metrics.flush, channel.post)
+        flusher.start()
+        exit_ = vmm.run()
+        return exit_.exit_code
+    finally:
+        if flusher is not None:
+            flusher.stop()
+        channel.close()
+        if server is not None:
+            server.stop()
+        metrics.flush()
+        metrics.close()
 
 
 def _stdin_usable() -> bool:
