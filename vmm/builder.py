@@ -81,6 +81,8 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
     """Create a microVM ready to run `config`'s kernel; `Vmm.run()` starts it."""
     if config.boot_source is None:
         raise BuildError("no boot source: the configuration needs \"boot-source\" with \"kernel_image_path\"")
+    if config.entropy is not None:
+        raise BuildError("\"entropy\" (virtio-rng) is not supported yet")
     mc = config.machine_config
     vcpu_count, mem_mib = mc.vcpu_count, mc.mem_size_mib
     pvm = arch.is_pvm_host() and pvm_compat
