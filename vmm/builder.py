@@ -77,6 +77,7 @@ def _console_writer(fd: int | None) -> Callable[[bytes], None] | None:
 
 def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance", boot_timer: bool = False,
                    start_wall_ns: int = 0, start_cpu_ns: int = 0, pvm_compat: bool = True,
+                   boot_protocol: str = "linux",
                    console_in: int | None = None, console_out: int | None = 1) -> Vmm:
     """Create a microVM ready to run `config`'s kernel; `Vmm.run()` starts it."""
     if config.boot_source is None:
@@ -98,6 +99,7 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
     try:
         return _build(config, kvm, cleanups, instance_id=instance_id, boot_timer=boot_timer,
                       start_wall_ns=start_wall_ns, start_cpu_ns=start_cpu_ns, pvm=pvm,
+                      boot_protocol=boot_protocol,
                       vcpu_count=vcpu_count, mem_mib=mem_mib,
                       console=ConsoleIo(console_in, console_out))
     except BaseException:
@@ -111,7 +113,7 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
 
 
 def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot_timer: bool,
-           start_wall_ns: int, start_cpu_ns: int, pvm: bool, vcpu_count: int, mem_mib: int,
+           start_wall_ns: int, start_cpu_ns: int, pvm: bool, boot_protocol: str, vcpu_count: int, mem_mib: int,
            console: ConsoleIo) -> Vmm:
     bs = config.boot_source
     # --- memory -------------------------------------------------------------------
@@ -127,6 +129,9 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
     except LoaderError as exc:
         raise BuildError(f"cannot load kernel: {exc}") from exc
     setup_header = parse_setup_header(kernel.setup_header) if kernel.setup_header else None
+    if boot_protocol == "pvh" and kernel.pvh_entry is None:
+        raise BuildError(f"cannot boot {bs.kernel_image_path} with PVH: the kernel has no PVH entry note")
+    use_pvh = kernel.pvh_entry is not None and boot_protocol in ("pvh", "auto")
 
     initrd: tuple[int, int] | None = None
     if bs.initrd_path:
@@ -221,7 +226,7 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         rsdp = arch.create_acpi_tables(mem, vcpu_count, dm.acpi_devices())
         arch.setup_mptable(mem, vcpu_count)
         e820 = arch.e820_map([(r.guest_addr, r.size) for r in mem.regions])
-        if kernel.pvh_entry is not None and _use_pvh(kernel):
+        if use_pvh:
             arch.PvhStartInfo(e820, cmdline_addr=layout.CMDLINE_START, modules=[initrd] if initrd else [],
                               rsdp_addr=rsdp).write(mem)
             boot_sregs = arch.setup_pvh_sregs(mem)
@@ -281,7 +286,7 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
     if console.input_fd is not None:
         _attach_console_input(vmm, serial, serial_input_box, console.input_fd)
     log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,
-             entry="pvh" if kernel.pvh_entry is not None and _use_pvh(kernel) else "linux64", cmdline=str(cmdline))
+             entry="pvh" if use_pvh else "linux64", cmdline=str(cmdline))
     return vmm
 
 
@@ -315,13 +320,6 @@ def _rate_limiter_handler(limiter: RateLimiter, on_ready: Callable[[], None]) ->
             return  # spurious wake-up: the timer had not expired
         on_ready()
     return handle
-
-
-def _use_pvh(kernel) -> bool:
-    # Linux's 64-bit boot protocol entry is what Ember uses for vmlinux: it starts
-    # in long mode with the VMM's page tables. PVH is used for ELF kernels that
-    # only offer PVH (none so far); see docs/ for the comparison.
-    return False
 
 
 def _boot_time_log(instance_id: str) -> Callable[[str], None]:

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log Guest-boot-time when the guest writes the boot-complete magic")
     p.add_argument("--start-time-us", type=int, help="process start, monotonic µs (from a jailer)")
     p.add_argument("--start-time-cpu-us", type=int, help="process start, CPU µs (from a jailer)")
+    p.add_argument("--boot-protocol", choices=("auto", "linux", "pvh"), default="linux",
+                   help="(Ember) how to enter an ELF kernel: Linux's 64-bit boot protocol, the PVH entry "
+                        "(needs the kernel's Xen PVH note), or auto (PVH when the note is there, as "
+                        "Firecracker does). Default: %(default)s")
     p.add_argument("--no-pvm-compat", action="store_true",
                    help="on kvm_pvm hosts, do not apply the guest compatibility profile")
     p.add_argument("--rip-profile", metavar="PATH",
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     start_cpu_ns = args.start_time_cpu_us * 1000 if args.start_time_cpu_us is not None else _START_CPU_NS
     boot = functools.partial(
         build_for_boot, instance_id=args.id, boot_timer=args.boot_timer, start_wall_ns=start_wall_ns,
-        start_cpu_ns=start_cpu_ns, pvm_compat=not args.no_pvm_compat,
+        start_cpu_ns=start_cpu_ns, pvm_compat=not args.no_pvm_compat, boot_protocol=args.boot_protocol,
         console_in=sys.stdin.fileno() if _stdin_usable() else None, console_out=sys.stdout.fileno())
     controller = VmmController(boot=boot, instance_id=args.id, metrics=metrics, mmds=mmds)
 

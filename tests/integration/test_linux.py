@@ -76,11 +76,13 @@ def _images() -> dict:
     return json.loads(out.stdout)
 
 
-def _start(name: str, workdir: Path, config: dict, files: dict[str, Path] | None = None) -> Boot:
+def _start(name: str, workdir: Path, config: dict, files: dict[str, Path] | None = None,
+           extra_args: tuple[str, ...] = ()) -> Boot:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "vm.json"
     cfg.write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "vmm.main", "--no-api", "--config-file", str(cfg), "--boot-timer", "--id", name]
+    cmd = [sys.executable, "-m", "vmm.main", "--no-api", "--config-file", str(cfg), "--boot-timer", "--id", name,
+           *extra_args]
     boot = Boot(name, cmd, workdir, files=files or {})
     boot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, errors="replace")
@@ -118,6 +120,9 @@ def boots(tmp_path_factory) -> dict[str, Boot]:
             ]}, files={"data": data, "ro": ro}),
         "initrd-3584": _start("initrd-3584", base / "b", {
             "boot-source": initrd_src, "machine-config": {"vcpu_count": 1, "mem_size_mib": 3584}}),
+        "initrd-pvh": _start("initrd-pvh", base / "c", {
+            "boot-source": initrd_src, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}},
+            extra_args=("--boot-protocol", "pvh")),
     }
     yield started
     for boot in started.values():
@@ -161,6 +166,12 @@ def test_3584_mib_guest_sees_memory_above_4g(boots) -> None:
     # RAM is split around the 32-bit MMIO gap: [0, 3.25 GiB) + [4 GiB, 4.25 GiB).
     assert 3400 * 1024 < kb <= 3584 * 1024, kb
     assert "BIOS-e820: [mem 0x0000000100000000-0x000000010fffffff] usable" in b.console
+
+
+def test_pvh_entry_boots_to_init(boots) -> None:
+    b = boots["initrd-pvh"].wait()
+    assert b.returncode == 0 and "EMBER-INIT-OK" in b.console, b.describe()
+    assert "Booting paravirtualized kernel on KVM" in b.console
 
 
 # --- virtio-block: root filesystem and extra drives ------------------------------------------
