@@ -120,6 +120,11 @@ def boots(tmp_path_factory) -> dict[str, Boot]:
             ]}, files={"data": data, "ro": ro}),
         "initrd-3584": _start("initrd-3584", base / "b", {
             "boot-source": initrd_src, "machine-config": {"vcpu_count": 1, "mem_size_mib": 3584}}),
+        "noacpi": _start("noacpi", base / "d", {
+            "boot-source": {**initrd_src, "boot_args": f"{args} acpi=off"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+            "drives": [{"drive_id": "ro", "path_on_host": str(ro), "is_root_device": False,
+                        "is_read_only": True}]}),
         "initrd-pvh": _start("initrd-pvh", base / "c", {
             "boot-source": initrd_src, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}},
             extra_args=("--boot-protocol", "pvh")),
@@ -172,6 +177,14 @@ def test_pvh_entry_boots_to_init(boots) -> None:
     b = boots["initrd-pvh"].wait()
     assert b.returncode == 0 and "EMBER-INIT-OK" in b.console, b.describe()
     assert "Booting paravirtualized kernel on KVM" in b.console
+
+
+def test_devices_found_through_the_command_line_without_acpi(boots) -> None:
+    """With acpi=off the VMM describes virtio devices as virtio_mmio.device= arguments."""
+    b = boots["noacpi"].wait()
+    assert b.returncode == 0 and "EMBER-INIT-OK" in b.console, b.describe()
+    assert "virtio_mmio.device=4K@0xd0001000:5" in b.console
+    assert re.search(r"virtio_blk virtio\d+: \[vda\]", b.console), b.describe()
 
 
 # --- virtio-block: root filesystem and extra drives ------------------------------------------
