@@ -67,7 +67,7 @@ from vmm.devices.virtio.vsock.packet import (
     VMADDR_CID_HOST,
     PacketHeader,
 )
-from vmm.devices.virtio.vsock.timerfd import TimerFd, TimerFdError
+from vmm.rate_limiter import TimerFd, TimerFdError
 
 __all__ = [
     "MAX_CONNECTIONS",
@@ -171,7 +171,7 @@ class Muxer:
         try:
             self._epoll = select.epoll()
             self._timer = TimerFd()
-            self._epoll.register(self._timer.fd, _IN)
+            self._epoll.register(self._timer.fileno(), _IN)
         except (OSError, TimerFdError) as exc:
             self._listener.close()
             self._unlink_socket_file()
@@ -411,8 +411,8 @@ class Muxer:
             log.warning("vsock: polling the muxer's epoll set failed", error=str(exc))
             events = []
         for fd, mask in events:
-            if fd == self._timer.fd:
-                self._timer.drain()
+            if fd == self._timer.fileno():
+                self._timer.read()
                 self._timer_at = None
                 self._timer_dirty = True
             elif fd == self._listener.fileno():
@@ -680,7 +680,7 @@ class Muxer:
             if earliest is None:
                 self._timer.disarm()
             else:
-                self._timer.arm(earliest - self.clock())
+                self._timer.arm(max(1, int((earliest - self.clock()) * 1e9)))
         except TimerFdError as exc:
             self.metrics.muxer_event_fails += 1
             log.error("vsock: cannot arm the connection timer", error=str(exc))
