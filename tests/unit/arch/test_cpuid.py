@@ -308,7 +308,7 @@ def test_minimal_table_without_topology_leaves():
 def test_pvm_cmdline_names():
     assert pvm_compat_cmdline() == (
         "noxsave clearcpuid=smap,popcnt,avx,avx2,bmi1,bmi2,fma,f16c,movbe,aes,pclmulqdq,sha_ni,"
-        "xsaveopt,rdrand,rdseed,umip mitigations=off init_on_alloc=0 nofsgsbase "
+        "xsaveopt,rdrand,rdseed,umip mitigations=off init_on_alloc=0 nofsgsbase nopcid "
         "rcupdate.rcu_cpu_stall_suppress=1"
     )
 

@@ -248,8 +248,12 @@ PVM_CLEARCPUID: tuple[str, ...] = (
 # again (measured: a 2-vCPU Linux guest's AP spun forever on the VMCALL of
 # KVM_HC_SEND_IPI in __send_ipi_mask during SMP bring-up). Without them
 # Linux sends IPIs through the local APIC and spins natively.
+# PCID/INVPCID: with them Linux switches CR3 keeping tagged TLB entries (the
+# no-flush bit), which this host's shadow paging mishandles across vCPUs:
+# with 2 vCPUs, user processes intermittently read zeroes from their own TLS
+# page (busybox NULL dereference on either CPU) until PCID was hidden.
 PVM_HOST_HIDDEN: frozenset[str] = frozenset(
-    {"cx16", "xsave", *PVM_CLEARCPUID, *KVM_PV_FEATURES, *KVM_PV_MM_FEATURES})
+    {"cx16", "xsave", "pcid", "invpcid", *PVM_CLEARCPUID, *KVM_PV_FEATURES, *KVM_PV_MM_FEATURES})
 
 # Linux cpufeatures.h word numbers of the CPUID registers above, for
 # `clearcpuid=` bit numbers (word * 32 + bit).
@@ -553,5 +557,5 @@ def pvm_compat_cmdline(*, numeric: bool = False) -> str:
         value = ",".join(words)
     else:
         value = ",".join(PVM_CLEARCPUID)
-    return (f"noxsave clearcpuid={value} mitigations=off init_on_alloc=0 nofsgsbase "
+    return (f"noxsave clearcpuid={value} mitigations=off init_on_alloc=0 nofsgsbase nopcid "
             "rcupdate.rcu_cpu_stall_suppress=1")
