@@ -209,7 +209,7 @@ def test_two_vcpus_online(boots) -> None:
 
 
 def test_guest_boot_time_logged(boots) -> None:
-    b = boots["initrd-2cpu"].wait()
+    b = boots["rootfs"].wait()
     assert re.search(r"Guest-boot-time =\s*\d+ us \d+ ms,\s*\d+ CPU us \d+ CPU ms", b.stderr), b.describe()
 
 
