@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import snapshot_cli
+
 
 def _vmm_command() -> list[str]:
     """How to start a VMM: the installed console script, else this interpreter."""
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = im_sub.add_parser("show", help="paths and boot arguments of the built images")
     s.add_argument("--json", action="store_true")
     im.set_defaults(func=cmd_images)
+
+    snapshot_cli.add_parsers(sub)  # ember snapshot ..., ember page-server
     return p
 
 

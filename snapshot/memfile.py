@@ -341,3 +341,31 @@ def merge_diff(base_path: str | os.PathLike[str], diff_path: str | os.PathLike[s
     finally:
         os.close(base)
     return MemoryFileStats(layout.file_size, data, 0, allocated)
+
+
+def diff_bitmaps_of(state_tree: Any) -> tuple[MemoryFileLayout, list[bytes]]:
+    """The memory layout and dirty bitmaps recorded in a diff snapshot's state tree.
+
+    `BadDirtyBitmap` if the state is not a diff snapshot's (a full snapshot
+    has no bitmaps: its memory file is complete on its own).
+    """
+    memory = state_tree.get("memory") if isinstance(state_tree, dict) else None
+    if not isinstance(memory, dict) or memory.get("kind") != "diff":
+        raise BadDirtyBitmap("the state file is not a diff snapshot's")
+    layout = MemoryFileLayout.from_tree(memory.get("layout"))
+    bitmaps = memory.get("dirty_bitmaps")
+    if not isinstance(bitmaps, list) or not all(isinstance(b, bytes) for b in bitmaps):
+        raise BadDirtyBitmap("the diff snapshot's dirty bitmaps are missing or malformed")
+    return layout, bitmaps
+
+
+def merge_diff_snapshot(state_path: str | os.PathLike[str], base_path: str | os.PathLike[str],
+                        diff_path: str | os.PathLike[str]) -> MemoryFileStats:
+    """Merge a diff snapshot's memory file onto its base's, using the bitmaps in its state file.
+
+    Afterwards `base_path` holds the guest memory at the diff snapshot, and
+    the diff's state file loads with it.
+    """
+    from .format import read_state
+    layout, bitmaps = diff_bitmaps_of(read_state(state_path))
+    return merge_diff(base_path, diff_path, bitmaps, layout)

@@ -19,6 +19,7 @@ from vmm.arch import x86_64 as arch
 from vmm.arch.x86_64 import layout
 from vmm.config import DriveConfig, VmConfig
 from vmm.device_manager import MmioDeviceManager
+from vmm.devices.acpi import VmGenId, VmGenIdError
 from vmm.devices.bus import Bus
 from vmm.devices.legacy.i8042 import I8042, I8042PioAdapter
 from vmm.devices.legacy.serial import SerialPioAdapter, Uart16550
@@ -150,6 +151,8 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
     except VmError as exc:
         raise BuildError(str(exc)) from exc
     cleanups.append(vm.close)
+    if config.machine_config.track_dirty_pages:
+        mem.enable_dirty_tracking()
 
     pio_bus, mmio_bus = Bus.pio(), Bus.mmio()
     holder: dict[str, Vmm] = {}
@@ -201,6 +204,15 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
         dm.attach("vsock", vsock)
     devices["virtio"] = dm
 
+    # --- clone uniqueness: VMGenID, announced through the ACPI GED ---------------------
+    vmgenid = None
+    if "acpi=off" not in (bs.boot_args or ""):
+        try:
+            vmgenid = VmGenId.create(mem, layout.GED_IRQ, vm.interrupt_line(layout.GED_IRQ))
+        except (VmGenIdError, KvmError, OSError) as exc:
+            raise BuildError(f"cannot create the VMGenID device: {exc}") from exc
+        devices["vmgenid"] = vmgenid
+
     # --- kernel command line -----------------------------------------------------------
     cmdline = Cmdline(layout.CMDLINE_MAX_SIZE)
     try:
@@ -223,7 +235,8 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
 
     # --- firmware tables and boot parameters ------------------------------------
     try:
-        rsdp = arch.create_acpi_tables(mem, vcpu_count, dm.acpi_devices())
+        rsdp = arch.create_acpi_tables(mem, vcpu_count, dm.acpi_devices(),
+                                       extra_dsdt=vmgenid.acpi_nodes() if vmgenid is not None else ())
         arch.setup_mptable(mem, vcpu_count)
         e820 = arch.e820_map([(r.guest_addr, r.size) for r in mem.regions])
         if use_pvh:
@@ -265,6 +278,23 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
     except KvmError as exc:
         raise BuildError(f"cannot configure vCPUs: {exc}") from exc
 
+    vmm = _assemble(instance_id=instance_id, kvm=kvm, vm=vm, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
+                    devices=devices, holder=holder, cleanups=cleanups, dm=dm, rate_limiters=rate_limiters,
+                    nets=nets, vsock=vsock, console=console, serial=serial, serial_input_box=serial_input_box)
+    vmm.pvm_compat = pvm
+    log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,
+             entry="pvh" if use_pvh else "linux64", cmdline=str(cmdline))
+    return vmm
+
+
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+def _assemble(*, instance_id: str, kvm: Kvm, vm: Vm, vcpus: list[Vcpu], pio_bus: Bus, mmio_bus: Bus,
+              devices: dict[str, object], holder: dict, cleanups: list, dm: MmioDeviceManager,
+              rate_limiters: list, nets: list[Net], vsock: Vsock | None, console: ConsoleIo,
+              serial: SerialPioAdapter, serial_input_box: list) -> Vmm:
+    """The `Vmm` around built (or restored) parts, with every host-side event source registered."""
     vmm = Vmm(instance_id=instance_id, kvm=kvm, vm=vm, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
               devices=devices)
     holder["vmm"] = vmm
@@ -285,12 +315,7 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
             vmm.add_source(fd, handler)
     if console.input_fd is not None:
         _attach_console_input(vmm, serial, serial_input_box, console.input_fd)
-    log.info("microVM built", id=instance_id, vcpus=vcpu_count, mem_mib=mem_mib, kernel=bs.kernel_image_path,
-             entry="pvh" if use_pvh else "linux64", cmdline=str(cmdline))
     return vmm
-
-
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 
 
 def _build_block(drive: DriveConfig, rate_limiters: list) -> Block:
@@ -386,3 +411,162 @@ def _apply_sregs(fd, sregs) -> None:
     for name in ("cr0", "cr3", "cr4", "efer"):
         setattr(s, name, getattr(sregs, name))
     fd.set_sregs(s)
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+def build_from_snapshot(state: "MicrovmState", backend: "FileBackend | UffdBackend", *,
+                        instance_id: str = "anonymous-instance", track_dirty_pages: bool = False,
+                        resume_vm: bool = False, clock_realtime: bool = False,
+                        console_in: int | None = None, console_out: int | None = 1) -> Vmm:
+    """A microVM restored from `state` (already read, validated and overridden) with memory from `backend`.
+
+    The vCPUs start paused unless `resume_vm`; restored devices are kicked
+    and VMGenID announces its new generation when they first run.
+    """
+    from vmm.persist import SnapshotLoadError
+
+    try:
+        kvm = Kvm()
+    except KvmError as exc:
+        raise BuildError(f"cannot use KVM: {exc.strerror or exc}") from exc
+    cleanups: list[Callable[[], None]] = [backend.close] if hasattr(backend, "close") else []
+    try:
+        return _restore(state, backend, kvm, cleanups, instance_id=instance_id,
+                        track_dirty_pages=track_dirty_pages, resume_vm=resume_vm, clock_realtime=clock_realtime,
+                        console=ConsoleIo(console_in, console_out))
+    except BaseException as exc:
+        for fn in reversed(cleanups):
+            try:
+                fn()
+            except Exception:
+                pass
+        kvm.close()
+        if isinstance(exc, SnapshotLoadError):
+            raise BuildError(str(exc)) from exc
+        raise
+
+
+def _restore(state, backend, kvm: Kvm, cleanups: list, *, instance_id: str, track_dirty_pages: bool,
+             resume_vm: bool, clock_realtime: bool, console: ConsoleIo) -> Vmm:
+    from vmm.devices.legacy.i8042 import I8042StateInvalid
+    from vmm.devices.legacy.serial import SerialStateInvalid
+    from vmm.devices.virtio.block import BlockState
+    from vmm.devices.virtio.net import NetState
+    from vmm.devices.virtio.transport.mmio import MmioTransport, MmioTransportError
+    from vmm.devices.virtio.vsock import VsockState
+    from vmm.persist import UffdBackend, open_memory
+    from vmm.vstate.persist import VstatePersistError, restore_vcpu, restore_vm
+
+    mem = open_memory(backend, state)
+    cleanups.append(mem.close)
+    install_kick_handler()
+    try:
+        vm = Vm(kvm, mem, track_dirty_pages=track_dirty_pages)
+    except VmError as exc:
+        raise BuildError(str(exc)) from exc
+    cleanups.append(vm.close)
+    if track_dirty_pages:
+        mem.enable_dirty_tracking()
+
+    pio_bus, mmio_bus = Bus.pio(), Bus.mmio()
+    holder: dict[str, Vmm] = {}
+
+    def request_exit(ex: VmExit) -> None:
+        holder["vmm"].request_exit(ex)
+
+    serial_input_box: list[SerialInput] = []
+    try:
+        uart = Uart16550.from_state(state.serial, vm.interrupt_line(COM1_IRQ), _console_writer(console.output_fd),
+                                    on_rx_space=lambda: serial_input_box and serial_input_box[0].on_rx_space())
+        i8042_dev = I8042.from_state(
+            state.i8042,
+            reset=lambda: request_exit(VmExit(ExitKind.RESET, "guest reset through the i8042 (reboot)", -1)),
+            interrupt=vm.interrupt_line(I8042_IRQ))
+    except (SerialStateInvalid, I8042StateInvalid) as exc:
+        raise BuildError(f"invalid snapshot: {exc}") from exc
+    serial = SerialPioAdapter(uart)
+    pio_bus.insert(serial, COM1_BASE, COM1_PORTS)
+    i8042 = I8042PioAdapter(i8042_dev)
+    pio_bus.insert(i8042, I8042_BASE, I8042_PORTS)
+    devices: dict[str, object] = {"serial": serial, "i8042": i8042}
+
+    dm = MmioDeviceManager(vm, mmio_bus, mem)
+    cleanups.append(dm.close)
+    rate_limiters: list = []
+    nets: list[Net] = []
+    vsock: Vsock | None = None
+    drives = {d.drive_id: d for d in state.config.drives}
+    for entry in state.virtio:
+        dstate = entry.device
+
+        def build(interrupt, dstate=dstate, entry=entry):
+            if isinstance(dstate, BlockState):
+                drive = drives.get(dstate.drive_id)
+                limiter = None
+                if drive is not None and drive.rate_limiter is not None and drive.rate_limiter.enabled:
+                    limiter = RateLimiter.from_config(drive.rate_limiter)
+                device = Block.from_state(dstate, mem, interrupt, rate_limiter=limiter)
+                if limiter is not None:
+                    rate_limiters.append((limiter, device.on_rate_limiter_ready))
+                cleanups.append(device.backend.close)
+            elif isinstance(dstate, NetState):
+                device = Net.from_state(dstate, mem, interrupt)
+                cleanups.append(device.close)
+                nets.append(device)
+            elif isinstance(dstate, VsockState):
+                device = Vsock.from_state(dstate, mem, interrupt)
+                cleanups.append(device.close)
+            else:  # pragma: no cover - MicrovmState only builds the three kinds
+                raise BuildError(f"unknown device state {type(dstate).__name__}")
+            transport = MmioTransport.from_state(entry.transport, device, mem, interrupt=interrupt)
+            return device, transport
+
+        try:
+            attached = dm.restore(entry.name, entry.slot, build)
+        except (BlockError, NetError, VsockError) as exc:
+            raise BuildError(f"cannot restore {entry.name}: {exc}") from exc
+        except (MmioTransportError, ValueError, TypeError) as exc:
+            raise BuildError(f"invalid snapshot: {entry.name}: {exc}") from exc
+        except Exception as exc:
+            # Each device's *StateInvalid; named by the device's own message.
+            raise BuildError(f"cannot restore {entry.name}: {exc}") from exc
+        if isinstance(attached.device, Vsock):
+            vsock = attached.device
+    devices["virtio"] = dm
+
+    vmgenid = None
+    if state.vmgenid is not None:
+        try:
+            vmgenid = VmGenId.restore(state.vmgenid, mem, vm.interrupt_line(state.vmgenid.gsi))
+        except Exception as exc:
+            raise BuildError(f"invalid snapshot: VMGenID: {exc}") from exc
+        devices["vmgenid"] = vmgenid
+
+    vcpus: list[Vcpu] = []
+    try:
+        for i, vstate in enumerate(state.vcpus):
+            fd = vm.fd.create_vcpu(i)
+            cleanups.append(fd.close)
+            restore_vcpu(fd, vstate)
+            vcpus.append(Vcpu(fd, pio_bus, mmio_bus, request_exit))
+        restore_vm(vm.fd, state.vm, clock_realtime=clock_realtime)
+    except (KvmError, VstatePersistError, OSError) as exc:
+        raise BuildError(f"cannot restore the vCPU/VM state: {exc}") from exc
+
+    vmm = _assemble(instance_id=instance_id, kvm=kvm, vm=vm, vcpus=vcpus, pio_bus=pio_bus, mmio_bus=mmio_bus,
+                    devices=devices, holder=holder, cleanups=cleanups, dm=dm, rate_limiters=rate_limiters,
+                    nets=nets, vsock=vsock, console=console, serial=serial, serial_input_box=serial_input_box)
+    vmm.pvm_compat = state.pvm_compat
+    vmm.start_paused = not resume_vm
+    if isinstance(backend, UffdBackend) and backend.sock is not None:
+        vmm.add_source(backend.sock.fileno(), lambda: backend.on_socket_readable(
+            lambda reason: vmm.request_exit(VmExit(ExitKind.ERROR, reason, -1))))
+    for attached in dm.devices:
+        vmm.on_first_run(attached.device.kick)
+    if vmgenid is not None:
+        vmm.on_first_run(vmgenid.notify)
+    log.info("microVM restored", id=instance_id, vcpus=len(vcpus), mem_mib=mem.total_size >> 20,
+             backend=repr(backend), devices=[a.name for a in dm.devices])
+    return vmm

@@ -23,7 +23,7 @@ import structlog
 
 from vmm.arch.x86_64 import AcpiMmioDevice, virtio_mmio_slot
 from vmm.devices.bus import Bus
-from vmm.devices.virtio.device import VirtioDevice
+from vmm.devices.virtio.device import VirtioDevice, VirtioInterrupt
 from vmm.devices.virtio.transport.mmio import MmioTransport
 from vmm.kvm import KvmError
 from vmm.loader import virtio_mmio_device_arg
@@ -66,6 +66,26 @@ class MmioDeviceManager:
             transport.interrupt.connect(self.vm.interrupt_line(slot.irq))
         except (KvmError, OSError) as exc:
             raise DeviceManagerError(f"cannot wire the interrupt of {name}: {exc}") from exc
+        return self._insert(name, device, transport, slot)
+
+    def restore(self, name: str, slot_index: int,
+                build: Callable[[VirtioInterrupt], tuple[VirtioDevice, MmioTransport]]) -> AttachedDevice:
+        """Re-attach a device from a snapshot at its saved slot (slots are restored in order).
+
+        `build(interrupt)` restores the device and its transport around the
+        slot's interrupt line (already wired to the VM) and may raise.
+        """
+        if slot_index != len(self.devices):
+            raise DeviceManagerError(f"{name}: slot {slot_index} restored out of order")
+        slot = virtio_mmio_slot(slot_index)
+        try:
+            interrupt = VirtioInterrupt(self.vm.interrupt_line(slot.irq))
+        except (KvmError, OSError) as exc:
+            raise DeviceManagerError(f"cannot wire the interrupt of {name}: {exc}") from exc
+        device, transport = build(interrupt)
+        return self._insert(name, device, transport, slot)
+
+    def _insert(self, name: str, device: VirtioDevice, transport: MmioTransport, slot) -> AttachedDevice:
         self.mmio_bus.insert(transport, slot.addr, slot.len)
         attached = AttachedDevice(name, device, transport, slot.addr, slot.len, slot.irq)
         if self.use_ioeventfd:

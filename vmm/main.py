@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         VmmController,
         actions_from_config,
     )
-    from vmm.builder import build_for_boot
+    from vmm.builder import build_for_boot, build_from_snapshot
     from vmm.config import ConfigError, LoggerConfig, LogLevel, MetricsConfig, VmConfig, read_json_file
     from vmm.metrics import Metrics, MetricsError, PeriodicFlush
     from vmm.mmds import MmdsStore
@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         build_for_boot, instance_id=args.id, boot_timer=args.boot_timer, start_wall_ns=start_wall_ns,
         start_cpu_ns=start_cpu_ns, pvm_compat=not args.no_pvm_compat, boot_protocol=args.boot_protocol,
         console_in=sys.stdin.fileno() if _stdin_usable() else None, console_out=sys.stdout.fileno())
-    controller = VmmController(boot=boot, instance_id=args.id, metrics=metrics, mmds=mmds)
+    restore = functools.partial(
+        build_from_snapshot, instance_id=args.id,
+        console_in=sys.stdin.fileno() if _stdin_usable() else None, console_out=sys.stdout.fileno())
+    controller = VmmController(boot=boot, restore=restore, instance_id=args.id, metrics=metrics, mmds=mmds)
 
     if args.metadata:
         try:

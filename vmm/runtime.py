@@ -53,6 +53,11 @@ class Vmm:
         self._sources_lock = threading.RLock()
         self._cleanups: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        # A restored microVM starts paused unless its load asked to resume it;
+        # `on_first_run` hooks (kick the restored devices, announce the new
+        # VMGenID) run once its vCPUs first run.
+        self.start_paused = False
+        self._first_run_hooks: list[Callable[[], None]] = []
         self.add_source(self._exit_efd, self._on_vcpu_exit)
 
     # --- wiring -------------------------------------------------------------------
@@ -88,11 +93,25 @@ class Vmm:
     def add_cleanup(self, fn: Callable[[], None]) -> None:
         self._cleanups.append(fn)
 
+    def on_first_run(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the event loop once the vCPUs first run (start unpaused, or first resume)."""
+        self._first_run_hooks.append(fn)
+
+    def _run_first_run_hooks(self) -> None:
+        hooks, self._first_run_hooks = self._first_run_hooks, []
+        for fn in hooks:
+            try:
+                fn()
+            except Exception as exc:  # a device that cannot be kicked must not stop the others
+                log.error("post-restore hook failed", error=repr(exc))
+
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
         for vcpu in self.vcpus:
             vcpu.start(paused=paused)
+        if not paused:
+            self._run_first_run_hooks()
 
     def start_rip_profiler(self, path: str, interval_s: float = 0.01) -> None:
         """Sample every vCPU's RIP each `interval_s` until the VM stops; write them to `path`.
@@ -130,6 +149,7 @@ class Vmm:
     def resume(self) -> None:
         for vcpu in self.vcpus:
             vcpu.resume()
+        self._run_first_run_hooks()
 
     def run(self) -> VmExit:
         """Start the vCPUs and serve events until the guest, an error or a signal stops the VM."""
@@ -137,7 +157,7 @@ class Vmm:
             self.request_exit(VmExit(ExitKind.SIGNAL, f"stopped by {signal.Signals(signum).name}", -1, signum))
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.start()
+        self.start(paused=self.start_paused)
         try:
             while self.exit is None:
                 self.poll_once(timeout=None)

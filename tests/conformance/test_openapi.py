@@ -89,8 +89,6 @@ UNSUPPORTED_STEPS = [
     Step("GET", "/balloon/hinting/status", expect=400, fault="balloon"),
     Step("PATCH", "/balloon/hinting/stop", expect=400, fault="balloon"),
     Step("PUT", "/cpu-config", {"cpuid_modifiers": []}, 400, "CPU templates"),
-    Step("PUT", "/snapshot/create", {"mem_file_path": "/m", "snapshot_path": "/s"}, 400, "Snapshots"),
-    Step("PUT", "/snapshot/load", {"snapshot_path": "/s", "mem_file_path": "/m"}, 400, "Snapshots"),
     Step("PUT", "/serial", {"serial_out_path": "/s"}, 400, "serial"),
     Step("PUT", "/hotplug/memory", {"total_size_mib": 1024}, 400, "Memory hotplug"),
     Step("PATCH", "/hotplug/memory", {"requested_size_mib": 512}, 400, "Memory hotplug"),
@@ -125,6 +123,16 @@ NEGATIVE_STEPS = [
     Step("PUT", "/actions", b'{"action_type": ', 400, "Invalid JSON", valid_request=False),
     Step("PUT", "/metrics", {"metrics_path": "/again"}, 400, "Reinitialization of metrics not allowed."),
     Step("PUT", "/mmds", {"big": "x" * 60_000}, 400, "is larger than the limit of 51200", valid_request=False),
+    # Snapshots: parsed by the API, refused here by state (before boot, after configuring resources).
+    Step("PUT", "/snapshot/create", {"mem_file_path": "/m", "snapshot_path": "/s"}, 400, "not supported before"),
+    Step("PUT", "/snapshot/load", {"snapshot_path": "/s", "mem_file_path": "/m"}, 400,
+         "not allowed after configuring boot-specific resources"),
+    Step("PUT", "/snapshot/load", {"snapshot_path": "/s"}, 400,
+         "either `mem_backend` or `mem_file_path` is required"),
+    Step("PUT", "/snapshot/load", {"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"},
+                                   "huge_pages": "2M"}, 400, "not supported by Ember"),
+    Step("PUT", "/snapshot/create", {"mem_file_path": "/m", "snapshot_path": "/s", "snapshot_type": "Incremental"},
+         400, "unknown variant `Incremental`", valid_request=False),
 ]
 
 
@@ -159,6 +167,11 @@ def post_boot_steps(kernel: str, files: Path) -> list[Step]:
         Step("PUT", "/mmds/config", {"network_interfaces": []}, 400, "after starting"),
         Step("PATCH", "/drives/d1", {"drive_id": "d1", "path_on_host": "/x"}, 400, "Invalid block device ID"),
         Step("PATCH", "/network-interfaces/n1", {"iface_id": "n1"}, 400, "Invalid network interface ID"),
+        Step("PUT", "/snapshot/load", {"snapshot_path": "/s", "mem_backend": {"backend_type": "File",
+                                                                               "backend_path": "/m"}},
+             400, "after starting"),
+        Step("PUT", "/snapshot/create", {"mem_file_path": str(files / "mem"), "snapshot_path": str(files / "vm")},
+             400, "paused"),
     ]
 
 

@@ -28,6 +28,8 @@ from vmm.config import (
     MmdsConfig,
     NetworkInterfaceConfig,
     NetworkInterfacePatch,
+    SnapshotCreateParams,
+    SnapshotLoadParams,
     VsockConfig,
 )
 
@@ -39,6 +41,7 @@ __all__ = [
     "ConfigureBootSource",
     "ConfigureLogger",
     "ConfigureMetrics",
+    "CreateSnapshot",
     "FlushMetrics",
     "GetFullVmConfig",
     "GetInstanceInfo",
@@ -47,6 +50,7 @@ __all__ = [
     "GetVmmVersion",
     "InsertBlockDevice",
     "InsertNetworkDevice",
+    "LoadSnapshot",
     "PatchMmds",
     "Pause",
     "PutMmds",
@@ -116,6 +120,13 @@ class ConfigureMetrics:
 
 
 @dataclass(frozen=True)
+class CreateSnapshot:
+    """PUT /snapshot/create (post-boot; the microVM must be paused)."""
+
+    params: SnapshotCreateParams
+
+
+@dataclass(frozen=True)
 class FlushMetrics:
     """PUT /actions {"action_type": "FlushMetrics"}."""
 
@@ -157,6 +168,18 @@ class InsertNetworkDevice:
     """PUT /network-interfaces/{iface_id}."""
 
     config: NetworkInterfaceConfig
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """PUT /snapshot/load (pre-boot, on a fresh VMM).
+
+    `uses_deprecated_fields`: the body named `mem_file_path` or
+    `enable_diff_snapshots` (the answer then carries a deprecation notice).
+    """
+
+    params: SnapshotLoadParams
+    uses_deprecated_fields: bool = False
 
 
 @dataclass(frozen=True)
@@ -239,6 +262,7 @@ VmmAction = (
     ConfigureBootSource
     | ConfigureLogger
     | ConfigureMetrics
+    | CreateSnapshot
     | FlushMetrics
     | GetFullVmConfig
     | GetInstanceInfo
@@ -247,6 +271,7 @@ VmmAction = (
     | GetVmmVersion
     | InsertBlockDevice
     | InsertNetworkDevice
+    | LoadSnapshot
     | PatchMmds
     | Pause
     | PutMmds

@@ -61,7 +61,11 @@ from vmm.config import (
     MetricsConfig,
     MmdsConfig,
     NetworkInterfaceConfig,
+    MemBackendType,
     RootBlockDeviceAlreadyAdded,
+    SnapshotCreateParams,
+    SnapshotLoadParams,
+    SnapshotType,
     UnsupportedConfig,
     VmConfig,
     VsockConfig,
@@ -82,6 +86,8 @@ from .actions import (
     ApiResult,
     ConfigureBootSource,
     ConfigureLogger,
+    CreateSnapshot,
+    LoadSnapshot,
     ConfigureMetrics,
     FlushMetrics,
     GetFullVmConfig,
@@ -161,6 +167,8 @@ ALLOWED_PHASES: dict[type, frozenset[Phase]] = {
     SetMmdsConfig: _PRE,
     SetVsockDevice: _PRE,
     StartMicroVm: _PRE,
+    LoadSnapshot: _PRE,
+    CreateSnapshot: _POST,
     UpdateMachineConfig: _PRE,
     FlushMetrics: _POST,
     Pause: _POST,
@@ -252,7 +260,8 @@ class VmmController:
     store (None: the MMDS endpoints answer that it is unavailable).
     """
 
-    def __init__(self, *, boot: Callable[[VmConfig], Vmm], instance_id: str = "anonymous-instance",
+    def __init__(self, *, boot: Callable[[VmConfig], Vmm], restore: Callable[..., Vmm] | None = None,
+                 instance_id: str = "anonymous-instance",
                  metrics: Metrics | None = None, mmds: MmdsStore | None = None, logger: Logger = LOGGER,
                  vmm_version: str = __version__, clock: Callable[[], float] = time.monotonic) -> None:
         self.instance_id = instance_id
@@ -261,6 +270,10 @@ class VmmController:
         self.metrics = metrics if metrics is not None else Metrics(instance_id)
         self.mmds = mmds
         self._boot = boot
+        self._restore = restore
+        # Firecracker allows a snapshot load only into a fresh VMM: nothing configured but logger/metrics.
+        self._configured = False
+        self._msrs: list[int] | None = None
         self._logger = logger
         self._clock = clock
         self._vmm: Vmm | None = None
@@ -357,6 +370,10 @@ class VmmController:
                 return ApiOk(self.mmds.get())
             case StartMicroVm():
                 return self._start()
+            case LoadSnapshot(params=params):
+                return self._load_snapshot(params)
+            case CreateSnapshot(params=cparams):
+                return self._create_snapshot(cparams)
             case Pause():
                 return self._pause_or_resume(pause=True)
             case Resume():
@@ -372,13 +389,13 @@ class VmmController:
                 return self._update_network_interface(ipatch)
         return ApiError(f"The requested operation is not supported: {type(action).__name__}")
 
-    @staticmethod
-    def _configure(check: Callable[[], None], what: str, store: Callable[[], None]) -> ApiResult:
+    def _configure(self, check: Callable[[], None], what: str, store: Callable[[], None]) -> ApiResult:
         try:
             check()
         except ConfigError as exc:
             return ApiError(f"{what}: {exc.fault_message}")
         store()
+        self._configured = True
         return ApiOk()
 
     def _update_machine_config(self, update: MachineConfigUpdate) -> ApiResult:
@@ -386,6 +403,7 @@ class VmmController:
             self.resources.machine_config = self.resources.machine_config.update(update)
         except ConfigError as exc:
             return ApiError(f"Machine config error: {exc.fault_message}")
+        self._configured = True
         return ApiOk()
 
     def _set_mmds_config(self, config: MmdsConfig) -> ApiResult:
@@ -394,6 +412,7 @@ class VmmController:
         except ConfigError as exc:
             return ApiError(f"MMDS config error: {exc.fault_message}")
         self.resources.mmds_config = config
+        self._configured = True
         if self.mmds is not None:
             self.mmds.version = config.version
             self.mmds.imds_compat = config.imds_compat
@@ -440,6 +459,84 @@ class VmmController:
         self._attach_metrics(vmm)
         log.info("microVM started", id=self.instance_id, build_ms=round((self._clock() - started) * 1000, 3))
         return ApiOk()
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def _load_snapshot(self, params: SnapshotLoadParams) -> ApiResult:
+        """PUT /snapshot/load: restore into this fresh VMM (Firecracker's `restore_from_snapshot`)."""
+        from vmm.persist import FileBackend, MicrovmState, SnapshotLoadError, UffdBackend
+
+        if self._configured:
+            return ApiError("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
+        if self._restore is None:
+            return ApiError("Load snapshot error: this VMM cannot restore snapshots.")
+        try:
+            params.validate()
+        except ConfigError as exc:
+            return ApiError(f"Load snapshot error: {exc.fault_message}")
+        started = self._clock()
+        try:
+            state = MicrovmState.read(params.snapshot_path).with_overrides(
+                network={o.iface_id: o.host_dev_name for o in params.network_overrides},
+                drives={o.drive_id: o.path_on_host for o in params.drive_overrides},
+                vsock_uds_path=params.vsock_override.uds_path if params.vsock_override is not None else None)
+        except SnapshotLoadError as exc:
+            return ApiError(f"Load snapshot error: {exc}")
+        path = params.mem_backend.backend_path
+        backend = FileBackend(path) if params.mem_backend.backend_type is MemBackendType.FILE else UffdBackend(path)
+        try:
+            vmm = self._restore(state, backend, track_dirty_pages=params.track_dirty_pages,
+                                resume_vm=params.resume_vm, clock_realtime=params.clock_realtime)
+        except BuildError as exc:
+            log.info("snapshot load refused", reason=str(exc))
+            return ApiError(f"Load snapshot error: {exc}")
+        r = self.resources
+        config = state.config
+        r.boot_source = config.boot_source
+        r.machine_config = replace(config.machine_config, track_dirty_pages=params.track_dirty_pages)
+        r.drives = {d.drive_id: d for d in config.drives}
+        r.network_interfaces = {n.iface_id: n for n in config.network_interfaces}
+        r.vsock = config.vsock
+        r.mmds_config = config.mmds_config
+        self._vmm = vmm
+        self._paused = not params.resume_vm
+        self._attach_mmds()
+        self._attach_metrics(vmm)
+        elapsed_us = int((self._clock() - started) * 1_000_000)
+        self.metrics.gauge("latencies_us", "load_snapshot").set(elapsed_us)
+        log.info("snapshot loaded", path=params.snapshot_path, backend=repr(backend), took_us=elapsed_us,
+                 resumed=params.resume_vm)
+        return ApiOk()
+
+    def _create_snapshot(self, params: SnapshotCreateParams) -> ApiResult:
+        """PUT /snapshot/create: the microVM must be paused (Firecracker's rule)."""
+        from vmm.persist import SnapshotCreateError, create_snapshot
+        from vmm.vstate.persist import msrs_to_save
+
+        vmm = self._vmm
+        assert vmm is not None
+        if not self._paused:
+            return ApiError("Create snapshot error: the microVM must be paused before creating a snapshot "
+                            "(PATCH /vm {\"state\": \"Paused\"}).")
+        try:
+            params.validate()
+        except ConfigError as exc:
+            return ApiError(f"Create snapshot error: {exc.fault_message}")
+        try:
+            result = create_snapshot(vmm, snapshot_path=params.snapshot_path, mem_file_path=params.mem_file_path,
+                                     diff=params.snapshot_type is SnapshotType.DIFF, config=self.resources.vm_config(),
+                                     msr_indices=self._msr_indices(vmm, msrs_to_save))
+        except SnapshotCreateError as exc:
+            return ApiError(f"Create snapshot error: {exc}")
+        self.metrics.gauge("latencies_us", "full_create_snapshot" if params.snapshot_type is SnapshotType.FULL
+                           else "diff_create_snapshot").set(result.duration_us)
+        return ApiOk()
+
+    def _msr_indices(self, vmm: Vmm, probe: Callable) -> list[int]:
+        """The MSRs to save (probing costs a scratch VM, ~16 ms: once per process)."""
+        if self._msrs is None:
+            self._msrs = probe(vmm.kvm)
+        return self._msrs
 
     def _attach_metrics(self, vmm: Vmm) -> None:
         vcpus = list(vmm.vcpus)

@@ -17,8 +17,14 @@ follows Firecracker's `parsed_request.rs` and `request/*.rs`:
 Ember is stricter in two places: extra path segments (``/drives/a/b``) are
 an invalid path, not ignored; and an MMDS body must be a JSON object
 (the spec's `MmdsContentsObject`). Endpoints of features Ember does not have
-(balloon, snapshots, custom CPU templates, serial configuration, pmem,
-memory hotplug, hot-unplug) answer 400 naming the feature and the request.
+(balloon, custom CPU templates, serial configuration, pmem, memory hotplug,
+hot-unplug) answer 400 naming the feature and the request; so does a body
+asking for one (huge pages on snapshot load), without the deserializing
+prefix.
+
+PUT /snapshot/create and PUT /snapshot/load become `CreateSnapshot` and
+`LoadSnapshot`; the load body may carry Ember's `drive_overrides`
+extension (see `vmm.config.snapshot`).
 
 `request_metric` names the Firecracker metric a request counts under;
 `deprecation_notice` gives the warning Firecracker attaches to deprecated
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from vmm.config import (
+    LOAD_DEPRECATION_MESSAGE,
     BootSourceConfig,
     ConfigError,
     ConfigParseError,
@@ -47,6 +54,8 @@ from vmm.config import (
     MmdsVersion,
     NetworkInterfaceConfig,
     NetworkInterfacePatch,
+    SnapshotCreateParams,
+    SnapshotLoadParams,
     VsockConfig,
     check_resource_id,
     loads,
@@ -58,6 +67,7 @@ from .actions import (
     ConfigureBootSource,
     ConfigureLogger,
     ConfigureMetrics,
+    CreateSnapshot,
     FlushMetrics,
     GetFullVmConfig,
     GetInstanceInfo,
@@ -66,6 +76,7 @@ from .actions import (
     GetVmmVersion,
     InsertBlockDevice,
     InsertNetworkDevice,
+    LoadSnapshot,
     PatchMmds,
     Pause,
     PutMmds,
@@ -148,12 +159,17 @@ def _decode(body: bytes) -> Json:
         raise _Fault(f"{DESERIALIZE_PREFIX}{exc}.") from exc
 
 
-def _parse(cls: type[_T], body: bytes) -> _T:
-    value = _decode(body)
+def _from_json(cls: type[_T], value: Json) -> _T:
     try:
         return cls.from_json(value)
     except ConfigParseError as exc:
         raise _Fault(f"{DESERIALIZE_PREFIX}{exc}.") from exc
+    except ConfigError as exc:  # well-formed, but asks for something Ember lacks
+        raise _Fault(exc.fault_message) from exc
+
+
+def _parse(cls: type[_T], body: bytes) -> _T:
+    return _from_json(cls, _decode(body))
 
 
 def _parse_object(body: bytes) -> dict[str, Json]:
@@ -194,8 +210,6 @@ def _unsupported(method: str, path: str, tokens: list[str]) -> str | None:
         return f"The balloon device is not supported by Ember: {request}."
     if resource == "cpu-config" and method == "PUT":
         return f"Custom CPU templates are not supported by Ember: {request}."
-    if resource == "snapshot" and method == "PUT" and sub in ("create", "load"):
-        return f"Snapshots are not supported yet: {request}."
     if resource == "serial" and method == "PUT":
         return f"Configuring the serial device is not supported by Ember: {request}."
     if resource == "hotplug" and sub == "memory" and method in ("GET", "PUT", "PATCH"):
@@ -225,6 +239,22 @@ def _route_get(path: str, tokens: list[str]) -> VmmAction:
     raise _invalid("GET", path)
 
 
+def _route_put_snapshot(path: str, tokens: list[str], body: bytes) -> VmmAction:
+    # Firecracker api_server/request/snapshot.rs: parse_put_snapshot.
+    match tokens:
+        case ["snapshot"]:
+            raise _Fault("Missing snapshot operation type.")
+        case ["snapshot", "create"]:
+            return CreateSnapshot(_parse(SnapshotCreateParams, body))
+        case ["snapshot", "load"]:
+            value = _decode(body)
+            return LoadSnapshot(_from_json(SnapshotLoadParams, value),
+                                uses_deprecated_fields=SnapshotLoadParams.uses_deprecated_fields(value))
+        case ["snapshot", operation]:
+            raise _invalid("PUT", f"/snapshot/{operation}")
+    raise _invalid("PUT", path)
+
+
 def _route_put(path: str, tokens: list[str], body: bytes) -> VmmAction:
     resource = tokens[0]
     if resource == "drives" and len(tokens) <= 2:
@@ -246,6 +276,8 @@ def _route_put(path: str, tokens: list[str], body: bytes) -> VmmAction:
         if tokens[1] == "config":
             return SetMmdsConfig(_parse(MmdsConfig, body))
         raise _Fault(f"Unrecognized PUT request path `{tokens[1]}`.")
+    if resource == "snapshot":
+        return _route_put_snapshot(path, tokens, body)
     if len(tokens) != 1:
         raise _invalid("PUT", path)
     match resource:
@@ -264,8 +296,6 @@ def _route_put(path: str, tokens: list[str], body: bytes) -> VmmAction:
             return SetVsockDevice(_parse(VsockConfig, body))
         case "entropy":
             return SetEntropyDevice(_parse(EntropyConfig, body))
-        case "snapshot":
-            raise _Fault("Missing snapshot operation type.")
     raise _invalid("PUT", path)
 
 
@@ -377,4 +407,6 @@ def deprecation_notice(method: str, action: VmmAction) -> str | None:
             return "PUT /vsock: vsock_id field is deprecated."
         case SetMmdsConfig(config=config) if config.version is MmdsVersion.V1:
             return "PUT /mmds/config: V1 is deprecated. Use V2 instead."
+        case LoadSnapshot(uses_deprecated_fields=True):
+            return LOAD_DEPRECATION_MESSAGE
     return None

@@ -9,6 +9,9 @@ One frozen dataclass per spec definition. Each has:
   combinations, MAC syntax, link-local MMDS address, ...), pure, no I/O;
 * ``x.to_json()`` — what Firecracker's API returns for the value.
 
+`SnapshotCreateParams` and `SnapshotLoadParams` are the bodies of
+PUT /snapshot/create and PUT /snapshot/load.
+
 `VmConfig` is the whole config file (``ember-vmm --config-file``,
 GET /vm/config); `VmConfig.from_file` reads, parses and validates one.
 
@@ -75,6 +78,20 @@ from .mmds import DEFAULT_MMDS_IPV4, MmdsConfig, MmdsVersion
 from .net import MacAddr, NetworkInterfaceConfig, NetworkInterfacePatch
 from .rate_limiter import RateLimiterConfig, TokenBucketConfig
 from .schema import ConfigType, Json, loads
+from .snapshot import (
+    LOAD_DEPRECATION_MESSAGE,
+    ConflictingFields,
+    DriveOverride,
+    InvalidSnapshotPath,
+    MemBackendType,
+    MemoryBackend,
+    NetworkOverride,
+    SnapshotCreateParams,
+    SnapshotHugePages,
+    SnapshotLoadParams,
+    SnapshotType,
+    VsockOverride,
+)
 from .vm import MAX_CONFIG_FILE_SIZE, VmConfig, read_json_file
 from .vsock import VsockConfig
 
@@ -124,6 +141,17 @@ __all__ = [
     "MsrModifier",
     "RegisterBitmap",
     "check_resource_id",
+    # snapshot requests
+    "SnapshotCreateParams",
+    "SnapshotLoadParams",
+    "SnapshotType",
+    "SnapshotHugePages",
+    "MemoryBackend",
+    "MemBackendType",
+    "NetworkOverride",
+    "VsockOverride",
+    "DriveOverride",
+    "LOAD_DEPRECATION_MESSAGE",
     # errors
     "ConfigError",
     "ConfigParseError",
@@ -153,4 +181,6 @@ __all__ = [
     "InvalidNetworkInterfaceId",
     "TooManyPagesRequested",
     "UnsupportedConfig",
+    "InvalidSnapshotPath",
+    "ConflictingFields",
 ]

@@ -287,6 +287,10 @@ KVM_GET_XCRS = _ior(0xA6, 392)
 KVM_SET_XCRS = _iow(0xA7, 392)
 KVM_KVMCLOCK_CTRL = _io(0xAD)
 KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_SET_TSC_KHZ = _io(0xA2)
+# KVM_GET_XSAVE2 is encoded with struct kvm_xsave's 4096 bytes, but KVM copies
+# out the vCPU's whole XSAVE image: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes.
+KVM_GET_XSAVE2 = _ior(0xCF, 4096)
 
 # --- constants ---------------------------------------------------------------
 
@@ -364,7 +368,14 @@ KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
+# struct kvm_clock_data flags (KVM_GET_CLOCK reports them; KVM_SET_CLOCK
+# honours REALTIME and HOST_TSC since Linux 5.16 and refuses any flag before).
 KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+# arch/x86/include/uapi/asm/kvm.h: entries in struct kvm_xcrs.
+KVM_MAX_XCRS = 16
 
 KVM_MAX_CPUID_ENTRIES = 256
 KVM_MAX_MSR_ENTRIES = 256

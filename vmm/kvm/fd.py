@@ -136,6 +136,10 @@ class VmFd:
         self.kvm = kvm
         self.fd = fd
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM: the answer for this VM (e.g. its XSAVE size)."""
+        return _ioctl(self.fd, kb.KVM_CHECK_EXTENSION, cap)
+
     def set_tss_address(self, addr: int) -> None:
         _ioctl(self.fd, kb.KVM_SET_TSS_ADDR, addr)
 
@@ -344,6 +348,15 @@ class VcpuFd:
             buf.entries[i] = e
         _ioctl(self.fd, kb.KVM_SET_CPUID2, buf)
 
+    def get_cpuid2(self, max_entries: int = kb.KVM_MAX_CPUID_ENTRIES) -> list[kb.kvm_cpuid_entry2]:
+        """The CPUID table set on this vCPU (KVM_GET_CPUID2); empty before KVM_SET_CPUID2."""
+        buf = _cpuid_buffer(max_entries)
+        # SAFETY: buf holds `max_entries` entries and says so in header.nent; KVM
+        # writes at most that many (E2BIG otherwise) and stores the count in nent.
+        _ioctl(self.fd, kb.KVM_GET_CPUID2, buf)
+        n = min(buf.header.nent, max_entries)
+        return [kb.kvm_cpuid_entry2.from_buffer_copy(e) for e in buf.entries[:n]]
+
     def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
         """Read MSRs; returns only those KVM read (it stops at the first failure)."""
         buf = _msrs_buffer(len(indices))
@@ -408,6 +421,36 @@ class VcpuFd:
 
     def set_xcrs(self, data: bytes) -> None:
         _ioctl(self.fd, kb.KVM_SET_XCRS, kb.kvm_xcrs.from_buffer_copy(data))
+
+    def xsave_size(self) -> int:
+        """Bytes of this vCPU's XSAVE image: KVM_CAP_XSAVE2's answer, or 4096 without it."""
+        return max(self.vm.check_extension(kb.KVM_CAP_XSAVE2), ctypes.sizeof(kb.kvm_xsave))
+
+    def get_xsave2(self) -> bytes:
+        """The whole XSAVE image (KVM_GET_XSAVE2; KVM_GET_XSAVE on kernels without KVM_CAP_XSAVE2)."""
+        if self.vm.check_extension(kb.KVM_CAP_XSAVE2) == 0:
+            return self.get_xsave()
+        size = self.xsave_size()
+        buf = (ctypes.c_uint8 * size)()
+        # SAFETY: KVM copies out exactly the vCPU's XSAVE size, which
+        # KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on its VM reports; buf has that many
+        # bytes (at least 4096, the ioctl's encoded size) and lives across the call.
+        _ioctl(self.fd, kb.KVM_GET_XSAVE2, buf)
+        return bytes(buf)
+
+    def set_xsave2(self, data: bytes) -> None:
+        """Load an XSAVE image of any size KVM_GET_XSAVE2 produces (zero-padded to this VM's size)."""
+        size = max(len(data), self.xsave_size())
+        buf = (ctypes.c_uint8 * size).from_buffer_copy(data.ljust(size, b"\0"))
+        # SAFETY: KVM_SET_XSAVE reads the vCPU's XSAVE size (KVM_CAP_XSAVE2's answer,
+        # 4096 without it), not the ioctl's encoded 4096; buf has at least that
+        # many bytes and lives across the call. Zero padding is the init state of
+        # any component the image's XSTATE_BV does not mark present.
+        _ioctl(self.fd, kb.KVM_SET_XSAVE, buf)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Set the guest TSC frequency (KVM_SET_TSC_KHZ); needs KVM_CAP_TSC_CONTROL to scale."""
+        _ioctl(self.fd, kb.KVM_SET_TSC_KHZ, khz)
 
     def kvmclock_ctrl(self) -> None:
         """Tell the guest its vCPU was paused, so it does not report a soft lockup."""

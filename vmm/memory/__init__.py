@@ -72,6 +72,38 @@ class GuestMemory:
             if a.end > b.guest_addr:
                 raise GuestMemoryError(f"regions overlap: {a!r} and {b!r}")
         self.regions = regions
+        # Pages the VMM itself wrote (device DMA), one bitmap per region, when
+        # tracking is on: KVM's dirty log only sees the guest's own writes.
+        self._dirty: list[bytearray] | None = None
+
+    # --- dirty pages written by the VMM ----------------------------------------
+
+    def enable_dirty_tracking(self) -> None:
+        """Record which pages `write()` and `view()` touch, for diff snapshots."""
+        if self._dirty is None:
+            self._dirty = [bytearray((r.size // mmap.PAGESIZE + 7) // 8) for r in self.regions]
+
+    @property
+    def tracks_dirty_pages(self) -> bool:
+        return self._dirty is not None
+
+    def _mark_dirty(self, r: GuestRegion, off: int, length: int) -> None:
+        bitmap = self._dirty[self.regions.index(r)]  # type: ignore[index]
+        first, last = off // mmap.PAGESIZE, (off + max(length, 1) - 1) // mmap.PAGESIZE
+        for page in range(first, last + 1):
+            bitmap[page >> 3] |= 1 << (page & 7)
+
+    def take_dirty_bitmaps(self) -> list[bytes]:
+        """Per region, the pages the VMM wrote since the last call (bit i = page i); clears them.
+
+        All-zero bitmaps when tracking is off.
+        """
+        if self._dirty is None:
+            return [bytes((r.size // mmap.PAGESIZE + 7) // 8) for r in self.regions]
+        out = [bytes(b) for b in self._dirty]
+        for b in self._dirty:
+            b[:] = bytes(len(b))
+        return out
 
     # --- construction -------------------------------------------------------
 
@@ -158,6 +190,8 @@ class GuestMemory:
             raise GuestAddressOutOfRange(f"negative guest range {gpa:#x}+{length:#x}")
         r = self.find_region(gpa, max(length, 1))
         off = gpa - r.guest_addr
+        if self._dirty is not None:
+            self._mark_dirty(r, off, length)  # a view may be written through
         return memoryview(r.mapping)[off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -174,6 +208,8 @@ class GuestMemory:
         r = self.find_region(gpa, length)
         off = gpa - r.guest_addr
         r.mapping[off:off + length] = data
+        if self._dirty is not None:
+            self._mark_dirty(r, off, length)
 
     def read_u8(self, gpa: int) -> int:
         return self.read(gpa, 1)[0]

@@ -14,6 +14,7 @@ from vmm.api import (
     ConfigureBootSource,
     ConfigureLogger,
     ConfigureMetrics,
+    CreateSnapshot,
     FlushMetrics,
     GetFullVmConfig,
     GetInstanceInfo,
@@ -23,6 +24,7 @@ from vmm.api import (
     InsertBlockDevice,
     InsertNetworkDevice,
     InstanceState,
+    LoadSnapshot,
     PatchMmds,
     Pause,
     Phase,
@@ -49,6 +51,8 @@ from vmm.config import (
     EntropyConfig,
     LoggerConfig,
     MacAddr,
+    MemBackendType,
+    MemoryBackend,
     MachineConfig,
     MachineConfigUpdate,
     MetricsConfig,
@@ -57,6 +61,8 @@ from vmm.config import (
     NetworkInterfaceConfig,
     NetworkInterfacePatch,
     RateLimiterConfig,
+    SnapshotCreateParams,
+    SnapshotLoadParams,
     TokenBucketConfig,
     UnsupportedConfig,
     VmConfig,
@@ -86,6 +92,8 @@ def boot(controller: VmmController, kernel: str) -> None:
 
 
 SAMPLES: list[VmmAction] = [
+    CreateSnapshot(SnapshotCreateParams("/nonexistent/s", "/nonexistent/m")),
+    LoadSnapshot(SnapshotLoadParams("/nonexistent/s", MemoryBackend(MemBackendType.FILE, "/nonexistent/m"))),
     ConfigureBootSource(BootSourceConfig("/nonexistent")),
     ConfigureLogger(LoggerConfig()),
     ConfigureMetrics(MetricsConfig("/nonexistent/dir/m")),

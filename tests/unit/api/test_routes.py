@@ -206,7 +206,6 @@ UNSUPPORTED = [
     ("PATCH", "/balloon/hinting/start", "balloon"), ("GET", "/balloon/hinting/status", "balloon"),
     ("PATCH", "/balloon/hinting/stop", "balloon"),
     ("PUT", "/cpu-config", "CPU templates"),
-    ("PUT", "/snapshot/create", "Snapshots"), ("PUT", "/snapshot/load", "Snapshots"),
     ("PUT", "/serial", "serial"),
     ("PUT", "/hotplug/memory", "Memory hotplug"), ("PATCH", "/hotplug/memory", "Memory hotplug"),
     ("GET", "/hotplug/memory", "Memory hotplug"),

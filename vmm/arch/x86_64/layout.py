@@ -16,7 +16,8 @@ the IOAPIC and the local APIC.
     0x0000_8ff0  boot stack pointer          0x0000_9000  PML4
     0x0000_a000  PDPT                        0x0000_b000  PDs (one per GiB mapped)
     0x0002_0000  kernel command line         0x0009_fc00  EBDA: MP table
-    0x000e_0000  RSDP, then ACPI tables      0x0010_0000  kernel (HIMEM_START)
+    0x000d_fff0  VMGenID generation ID       0x000e_0000  RSDP, then ACPI tables
+    0x0010_0000  kernel (HIMEM_START)
     0xd000_0000  boot timer                  0xd000_1000  virtio-mmio windows ...
     0xfec0_0000  IOAPIC                      0xfee0_0000  local APIC
     0xfffb_c000  KVM identity map page       0xfffb_d000  KVM TSS (3 pages)
@@ -56,6 +57,8 @@ __all__ = [
     "SYSTEM_MEM_START",
     "RSDP_ADDR",
     "ACPI_TABLES_END",
+    "VMGENID_ADDR",
+    "VMGENID_LEN",
     "HIMEM_START",
     "MMIO_MEM_START",
     "MMIO_MEM_SIZE",
@@ -72,6 +75,7 @@ __all__ = [
     "IRQ_MAX",
     "I8042_IRQ",
     "COM1_IRQ",
+    "GED_IRQ",
     "COM1_PORT",
     "COM1_PORT_LEN",
     "I8042_DATA_PORT",
@@ -137,6 +141,18 @@ SYSTEM_MEM_START = EBDA_START
 RSDP_ADDR = 0xE0000
 ACPI_TABLES_END = 0x100000
 
+# The VM Generation ID (Microsoft "Virtual Machine Generation ID" spec;
+# Linux drivers/virt/vmgenid.c): 16 bytes of guest memory the guest maps
+# (memremap) and re-reads when notified. They sit in the E820-reserved span
+# [EBDA_START, HIMEM_START), so the guest never allocates them: the last 16
+# bytes of the option-ROM area, just below the RSDP, as Firecracker places
+# it (end of its system memory). Not on a 2 KiB boundary, so Linux's option
+# ROM probe (arch/x86/kernel/probe_roms.c, 0x55AA signatures every 2 KiB in
+# 0xc0000..0xe0000) never reads a random ID as a ROM header; and above the
+# end of the largest MP table (0x9fc00 + 5364 bytes for 254 vCPUs).
+VMGENID_LEN = 16
+VMGENID_ADDR = RSDP_ADDR - VMGENID_LEN
+
 # Where the kernel is loaded (boot.rst: protected-mode kernel at 0x100000).
 HIMEM_START = 0x100000
 
@@ -172,6 +188,11 @@ IRQ_BASE = 5
 IRQ_MAX = 23
 I8042_IRQ = 1
 COM1_IRQ = 4
+# The ACPI Generic Event Device (ACPI 6.5 §5.6.9) that tells the guest its
+# VM generation ID changed: ISA IRQ 3 (COM2's, and Ember has no COM2), so it
+# never collides with the virtio lines 5..23 whatever the device count.
+# Edge-triggered, active high, like every Ember line (irqfd pulses it).
+GED_IRQ = 3
 COM1_PORT = 0x3F8
 COM1_PORT_LEN = 8
 I8042_DATA_PORT = 0x60

@@ -3,6 +3,15 @@
 from . import aml
 from .aml import (
     IO,
+    Arg,
+    DWord,
+    If,
+    LEqual,
+    Local,
+    NamePath,
+    Notify,
+    QWord,
+    Store,
     ONE,
     ONES,
     ZERO,
@@ -47,6 +56,7 @@ __all__ = [
     "aml",
     # AML builder
     "AmlNode", "Integer", "String", "EisaId", "Buffer", "Package", "Name", "Scope", "Device",
+    "DWord", "QWord", "NamePath", "Arg", "Local", "LEqual", "If", "Notify", "Store",
     "Method", "Return", "ResourceTemplate", "Memory32Fixed", "IO", "IRQNoFlags", "Interrupt",
     "ZERO", "ONE", "ONES",
     # tables

@@ -12,8 +12,11 @@ strings, bytes and lists/tuples stand for Integer, String, Buffer and
 Package wherever a data object is expected.
 
 Only what Ember's DSDT needs is here: Scope, Device, Name, Method with
-Return, Package, Integer (smallest encoding), String, EISAID, Buffer, and
-ResourceTemplate with Memory32Fixed, IO, IRQNoFlags and Interrupt.
+Return, Package, Integer (smallest encoding), DWord and QWord (fixed
+width), String, EISAID, Buffer, ResourceTemplate with Memory32Fixed, IO,
+IRQNoFlags and Interrupt, and for method bodies (§20.2.5.3-4, §20.2.6):
+If/Else, LEqual, Notify, Store, Arg0-6, Local0-7 and NamePath (a reference
+to a named object, where a bare Python str would be a String).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ __all__ = [
     "name_string",
     "encode",
     "Integer",
+    "DWord",
+    "QWord",
     "String",
     "EisaId",
     "Buffer",
@@ -46,6 +51,13 @@ __all__ = [
     "Device",
     "Method",
     "Return",
+    "NamePath",
+    "Arg",
+    "Local",
+    "If",
+    "LEqual",
+    "Notify",
+    "Store",
     "ResourceTemplate",
     "ResourceDescriptor",
     "Memory32Fixed",
@@ -73,6 +85,13 @@ EXT_OP_PREFIX = 0x5B
 DEVICE_OP = 0x82             # after EXT_OP_PREFIX
 ROOT_CHAR = 0x5C             # '\'
 PARENT_PREFIX_CHAR = 0x5E    # '^'
+LOCAL0_OP = 0x60             # Local0Op..Local7Op = 0x60..0x67
+ARG0_OP = 0x68               # Arg0Op..Arg6Op = 0x68..0x6E
+STORE_OP = 0x70
+NOTIFY_OP = 0x86
+LEQUAL_OP = 0x93
+IF_OP = 0xA0
+ELSE_OP = 0xA1
 RETURN_OP = 0xA4
 ONES_OP = 0xFF
 
@@ -216,6 +235,32 @@ class Integer(AmlNode):
 ZERO = Integer(0)
 ONE = Integer(1)
 ONES = Integer(_U64_MAX)
+
+
+@dataclass(frozen=True)
+class DWord(AmlNode):
+    """DWordConst := DWordPrefix DWordData (§20.2.3): always 4 bytes, whatever
+    the value (ASL `DWordConst`), so a table's size does not depend on it."""
+
+    value: int
+
+    def encode(self) -> bytes:
+        if not 0 <= self.value <= 0xFFFFFFFF:
+            raise BadAmlValue(f"DWord {self.value} outside 0..2^32-1")
+        return bytes([DWORD_PREFIX]) + struct.pack("<I", self.value)
+
+
+@dataclass(frozen=True)
+class QWord(AmlNode):
+    """QWordConst := QWordPrefix QWordData (§20.2.3): always 8 bytes (ASL
+    `QWordConst`). Only DSDT revision 2+ keeps all 64 bits (§5.2.11.1)."""
+
+    value: int
+
+    def encode(self) -> bytes:
+        if not 0 <= self.value <= _U64_MAX:
+            raise BadAmlValue(f"QWord {self.value} outside 0..2^64-1")
+        return bytes([QWORD_PREFIX]) + struct.pack("<Q", self.value)
 
 
 @dataclass(frozen=True)
@@ -364,6 +409,136 @@ class Return(AmlNode):
 
     def __repr__(self) -> str:
         return f"Return({self.value!r})"
+
+
+# --- method bodies: references, arguments, locals, control (§20.2.5.3-4, §20.2.6) -------
+
+
+def _term_list(terms: Iterable[AmlNode | bytes]) -> bytes:
+    return b"".join(t if isinstance(t, (bytes, bytearray)) else t.encode() for t in terms)
+
+
+@dataclass(frozen=True)
+class NamePath(AmlNode):
+    """A reference to a named object: the bare NameString (§20.2.2), as a
+    SuperName (Notify's target, Store's destination) or a TermArg (the
+    object's value, or a call when it names a method without arguments).
+
+    Needed because a Python str elsewhere means a String constant.
+    """
+
+    path: str
+
+    def encode(self) -> bytes:
+        return name_string(self.path)
+
+
+@dataclass(frozen=True)
+class Arg(AmlNode):
+    """ArgObj (§20.2.6.1): Arg0Op (0x68) .. Arg6Op (0x6E), the method's arguments."""
+
+    index: int
+
+    def encode(self) -> bytes:
+        if not 0 <= self.index <= 6:
+            raise BadAmlValue(f"Arg{self.index}: a method has Arg0..Arg6")
+        return bytes([ARG0_OP + self.index])
+
+
+@dataclass(frozen=True)
+class Local(AmlNode):
+    """LocalObj (§20.2.6.2): Local0Op (0x60) .. Local7Op (0x67), a method's locals."""
+
+    index: int
+
+    def encode(self) -> bytes:
+        if not 0 <= self.index <= 7:
+            raise BadAmlValue(f"Local{self.index}: a method has Local0..Local7")
+        return bytes([LOCAL0_OP + self.index])
+
+
+def _super_name(target: AmlNode | str) -> bytes:
+    """SuperName := SimpleName | DebugObj | ReferenceTypeOpcode (§20.2.2):
+    a str here is a path, since a String constant is never a SuperName."""
+    if isinstance(target, str):
+        return name_string(target)
+    if isinstance(target, (NamePath, Arg, Local)):
+        return target.encode()
+    raise BadAmlValue(f"{target!r} is not a SuperName (a path, ArgN or LocalN)")
+
+
+class LEqual(AmlNode):
+    """DefLEqual := LequalOp Operand Operand (§20.2.5.4): ASL `LEqual(a, b)`,
+    or `a == b` in ASL 2.0; evaluates to Ones if equal, else Zero."""
+
+    def __init__(self, left: AmlValue, right: AmlValue) -> None:
+        self.left = left
+        self.right = right
+
+    def encode(self) -> bytes:
+        return bytes([LEQUAL_OP]) + encode(self.left) + encode(self.right)
+
+    def __repr__(self) -> str:
+        return f"LEqual({self.left!r}, {self.right!r})"
+
+
+class If(AmlNode):
+    """DefIfElse := IfOp PkgLength Predicate TermList DefElse, and
+    DefElse := Nothing | <ElseOp PkgLength TermList> (§20.2.5.3).
+
+    `else_body=None` emits no Else at all (iasl does the same for an If
+    without Else); an empty list emits an empty Else.
+    """
+
+    def __init__(
+        self, predicate: AmlValue, body: Iterable[AmlNode | bytes],
+        else_body: Iterable[AmlNode | bytes] | None = None,
+    ) -> None:
+        self.predicate = predicate
+        self.body = list(body)
+        self.else_body = None if else_body is None else list(else_body)
+
+    def encode(self) -> bytes:
+        payload = encode(self.predicate) + _term_list(self.body)
+        out = bytes([IF_OP]) + pkg_length(len(payload)) + payload
+        if self.else_body is not None:
+            rest = _term_list(self.else_body)
+            out += bytes([ELSE_OP]) + pkg_length(len(rest)) + rest
+        return out
+
+    def __repr__(self) -> str:
+        tail = "" if self.else_body is None else f", else {len(self.else_body)} terms"
+        return f"If({self.predicate!r}, {len(self.body)} terms{tail})"
+
+
+class Notify(AmlNode):
+    """DefNotify := NotifyOp NotifyObject NotifyValue (§20.2.5.3), with
+    NotifyObject a SuperName (a device, processor or thermal zone path)
+    and NotifyValue a TermArg; values 0x80-0xFF are device-specific (§5.6.6)."""
+
+    def __init__(self, target: AmlNode | str, value: AmlValue) -> None:
+        self.target = target
+        self.value = value
+
+    def encode(self) -> bytes:
+        return bytes([NOTIFY_OP]) + _super_name(self.target) + encode(self.value)
+
+    def __repr__(self) -> str:
+        return f"Notify({self.target!r}, {self.value!r})"
+
+
+class Store(AmlNode):
+    """DefStore := StoreOp TermArg SuperName (§20.2.5.4): ASL `Store(value, target)`."""
+
+    def __init__(self, value: AmlValue, target: AmlNode | str) -> None:
+        self.value = value
+        self.target = target
+
+    def encode(self) -> bytes:
+        return bytes([STORE_OP]) + encode(self.value) + _super_name(self.target)
+
+    def __repr__(self) -> str:
+        return f"Store({self.value!r}, {self.target!r})"
 
 
 # --- resource descriptors (ACPI 6.5 §6.4) ----------------------------------------------
