@@ -35,7 +35,7 @@ from vmm.memory import GuestMemory, GuestMemoryError
 from vmm.rate_limiter import RateLimiter, RateLimiterError
 from vmm.runtime import Vmm
 from vmm.vstate.vcpu import ExitKind, Vcpu, VmExit, install_kick_handler
-from vmm.vstate.vm import Vm, VmError
+from vmm.vstate.vm import Vm, VmError, take_shell
 
 log = structlog.get_logger("vmm.builder")
 
@@ -91,14 +91,16 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
     if pvm:
         _pvm_notice()
 
+    prepared = take_shell()
     try:
-        kvm = Kvm()
+        kvm = prepared[0] if prepared is not None else Kvm()
     except KvmError as exc:
         raise BuildError(f"cannot use KVM: {exc.strerror or exc}") from exc
+    shell = prepared[1] if prepared is not None else None
 
     cleanups: list[Callable[[], None]] = []
     try:
-        return _build(config, kvm, cleanups, instance_id=instance_id, boot_timer=boot_timer,
+        return _build(config, kvm, cleanups, shell=shell, instance_id=instance_id, boot_timer=boot_timer,
                       start_wall_ns=start_wall_ns, start_cpu_ns=start_cpu_ns, pvm=pvm,
                       boot_protocol=boot_protocol,
                       vcpu_count=vcpu_count, mem_mib=mem_mib,
@@ -109,11 +111,13 @@ def build_for_boot(config: VmConfig, *, instance_id: str = "anonymous-instance",
                 fn()
             except Exception:
                 pass
+        if shell is not None:
+            shell.close()  # idempotent: the Vm may have closed it already
         kvm.close()
         raise
 
 
-def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot_timer: bool,
+def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, shell=None, instance_id: str, boot_timer: bool,
            start_wall_ns: int, start_cpu_ns: int, pvm: bool, boot_protocol: str, vcpu_count: int, mem_mib: int,
            console: ConsoleIo) -> Vmm:
     bs = config.boot_source
@@ -147,7 +151,7 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, instance_id: str, boot
     # --- the VM and its devices -----------------------------------------------------
     install_kick_handler()
     try:
-        vm = Vm(kvm, mem, track_dirty_pages=config.machine_config.track_dirty_pages)
+        vm = Vm(kvm, mem, track_dirty_pages=config.machine_config.track_dirty_pages, shell=shell)
     except VmError as exc:
         raise BuildError(str(exc)) from exc
     cleanups.append(vm.close)
@@ -427,13 +431,15 @@ def build_from_snapshot(state: "MicrovmState", backend: "FileBackend | UffdBacke
     """
     from vmm.persist import SnapshotLoadError
 
+    prepared = take_shell()
     try:
-        kvm = Kvm()
+        kvm = prepared[0] if prepared is not None else Kvm()
     except KvmError as exc:
         raise BuildError(f"cannot use KVM: {exc.strerror or exc}") from exc
+    shell = prepared[1] if prepared is not None else None
     cleanups: list[Callable[[], None]] = [backend.close] if hasattr(backend, "close") else []
     try:
-        return _restore(state, backend, kvm, cleanups, instance_id=instance_id,
+        return _restore(state, backend, kvm, cleanups, shell=shell, instance_id=instance_id,
                         track_dirty_pages=track_dirty_pages, resume_vm=resume_vm, clock_realtime=clock_realtime,
                         console=ConsoleIo(console_in, console_out))
     except BaseException as exc:
@@ -442,13 +448,15 @@ def build_from_snapshot(state: "MicrovmState", backend: "FileBackend | UffdBacke
                 fn()
             except Exception:
                 pass
+        if shell is not None:
+            shell.close()  # idempotent: the Vm may have closed it already
         kvm.close()
         if isinstance(exc, SnapshotLoadError):
             raise BuildError(str(exc)) from exc
         raise
 
 
-def _restore(state, backend, kvm: Kvm, cleanups: list, *, instance_id: str, track_dirty_pages: bool,
+def _restore(state, backend, kvm: Kvm, cleanups: list, *, shell=None, instance_id: str, track_dirty_pages: bool,
              resume_vm: bool, clock_realtime: bool, console: ConsoleIo) -> Vmm:
     from vmm.devices.legacy.i8042 import I8042StateInvalid
     from vmm.devices.legacy.serial import SerialStateInvalid
@@ -463,7 +471,7 @@ def _restore(state, backend, kvm: Kvm, cleanups: list, *, instance_id: str, trac
     cleanups.append(mem.close)
     install_kick_handler()
     try:
-        vm = Vm(kvm, mem, track_dirty_pages=track_dirty_pages)
+        vm = Vm(kvm, mem, track_dirty_pages=track_dirty_pages, shell=shell)
     except VmError as exc:
         raise BuildError(str(exc)) from exc
     cleanups.append(vm.close)

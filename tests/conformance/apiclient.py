@@ -108,9 +108,9 @@ class VmmApiProcess:
     """A running ``ember-vmm --api-sock``; `api` talks to it."""
 
     def __init__(self, sock_dir: str | os.PathLike, args: Sequence[str] = (), *, stdin: int | None = None,
-                 wait: bool = True, sock_name: str = "api.sock") -> None:
+                 wait: bool = True, sock_name: str = "api.sock", wrapper: Sequence[str] = ()) -> None:
         self.sock = str(Path(sock_dir) / sock_name)
-        cmd = [sys.executable, "-m", "vmm.main", "--api-sock", self.sock, *args]
+        cmd = [*wrapper, sys.executable, "-m", "vmm.main", "--api-sock", self.sock, *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(),
                                      stdin=subprocess.PIPE if stdin is None else stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

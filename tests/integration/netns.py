@@ -55,9 +55,9 @@ class TapNamespace:
     deleted: bool = False
 
     @classmethod
-    def create(cls, prefix: str = "ember-lt-") -> "TapNamespace":
+    def create(cls, prefix: str = "ember-lt-", tap: str = "tap0") -> "TapNamespace":
         """Make the namespace and its TAP (up, with the address); on any failure nothing is left behind."""
-        ns = cls(name=f"{prefix}{secrets.token_hex(4)}")
+        ns = cls(name=f"{prefix}{secrets.token_hex(4)}", tap=tap)
         _ip("netns", "add", ns.name)
         try:
             _ip("-n", ns.name, "link", "set", "lo", "up")

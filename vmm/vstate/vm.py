@@ -23,20 +23,66 @@ class VmError(Exception):
     """The VM could not be created or configured."""
 
 
+def _new_shell(kvm: Kvm) -> VmFd:
+    """A VM with everything that does not depend on its memory: TSS, identity map, irqchip, PIT.
+
+    Creating the PIT (and registering memory) waits for a KVM SRCU grace
+    period, ~3.5 ms each on a nested host: a VMM waiting for its API request
+    prepares this shell in advance (`prepare_shell`) so a snapshot restore
+    does not pay for it.
+    """
+    fd = kvm.create_vm()
+    try:
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        fd.create_irq_chip()
+        fd.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
+    except OSError:
+        fd.close()
+        raise
+    return fd
+
+
+_prepared: tuple[Kvm, VmFd] | None = None
+
+
+def prepare_shell() -> None:
+    """Create one VM shell (and its /dev/kvm handle) for the next `take_shell`; errors are left for later."""
+    global _prepared
+    if _prepared is not None:
+        return
+    try:
+        kvm = Kvm()
+    except OSError:
+        return
+    try:
+        _prepared = (kvm, _new_shell(kvm))
+    except OSError:
+        kvm.close()
+
+
+def take_shell() -> tuple[Kvm, VmFd] | None:
+    """The prepared (kvm, VM shell), once; None if none was prepared."""
+    global _prepared
+    shell, _prepared = _prepared, None
+    return shell
+
+
 class Vm:
     """A KVM VM with guest memory registered and the legacy interrupt controllers in the kernel."""
 
-    def __init__(self, kvm: Kvm, memory: GuestMemory, *, track_dirty_pages: bool = False):
+    def __init__(self, kvm: Kvm, memory: GuestMemory, *, track_dirty_pages: bool = False,
+                 shell: VmFd | None = None):
+        """`shell`: a VM fd from `prepare_shell` (TSS, identity map, irqchip and PIT already set up)."""
         self.kvm = kvm
         self.memory = memory
         self.track_dirty_pages = track_dirty_pages
-        self.fd: VmFd = kvm.create_vm()
         self._eventfds: list[int] = []
         try:
-            self.fd.set_tss_address(KVM_TSS_ADDRESS)
-            self.fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            self.fd.create_irq_chip()
-            self.fd.create_pit2(kb.KVM_PIT_SPEAKER_DUMMY)
+            self.fd: VmFd = shell if shell is not None else _new_shell(kvm)
+        except OSError as exc:
+            raise VmError(f"cannot create the VM: {exc}") from exc
+        try:
             flags = kb.KVM_MEM_LOG_DIRTY_PAGES if track_dirty_pages else 0
             for slot, region in enumerate(memory.regions):
                 self.fd.set_user_memory_region(slot, region.guest_addr, region.size, region.host_addr, flags)
