@@ -35,7 +35,7 @@ import bisect
 import json
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -546,7 +546,12 @@ class FaultResolver:
 
     def prefetch(self, runs: Iterable[tuple[int, int]]) -> list[Install]:
         """Installs for memory-file runs (a `prefetch_plan`), skipping what is installed."""
-        ops: list[Install] = []
+        return list(self.iter_prefetch(runs))
+
+    def iter_prefetch(self, runs: Iterable[tuple[int, int]]) -> Iterator[Install]:
+        """`prefetch` one unit at a time: each unit's data is read (and what is already
+        installed skipped) only when the caller asks for it, so a page server can serve
+        demand faults between prefetch installs."""
         for offset, length in runs:
             for m in self.mappings:
                 lo = max(offset, m.offset)
@@ -559,9 +564,8 @@ class FaultResolver:
                 unit_lo = lo
                 while unit_lo < hi:
                     unit_hi = _install_range(m.base_host_virt_addr + unit_lo - m.offset, m, self.source)[1]
-                    ops.extend(self._installs(m, unit_lo, min(unit_hi, hi)))
+                    yield from self._installs(m, unit_lo, min(unit_hi, hi))
                     unit_lo = unit_hi
-        return ops
 
     def __repr__(self) -> str:
         return (f"<FaultResolver {len(self.mappings)} mappings faults={self.faults} "

@@ -326,9 +326,17 @@ class PageServer:
             pass
 
     def prefetch(self, runs: Sequence[tuple[int, int]]) -> int:
-        """Install a prefetch plan's ranges up front; returns bytes installed."""
+        """Install a prefetch plan's ranges up front; returns bytes installed.
+
+        Demand faults come first: before each unit of the plan, faults already
+        pending are served, so a vCPU (or the VMM restoring a device) never
+        waits behind the whole working set.
+        """
         done = 0
-        for op in self.resolver.prefetch(runs):
+        for op in self.resolver.iter_prefetch(runs):
+            if self.gone:
+                break
+            self.handle_pending()
             if self._install(op, wake=False):
                 done += op.length
         return done

@@ -207,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             # Waiting for the API's first request: do now what a snapshot load (or a
             # boot) would otherwise pay for inside it — the snapshot modules' imports
             # (~50 ms) and a VM shell with its irqchip and PIT (~4 ms on nested hosts).
-            import vmm.persist  # noqa: F401
+            from vmm.persist import prepare_uffd
             from vmm.vstate.vm import prepare_shell
             prepare_shell()
+            prepare_uffd()
 
         if actions is not None:
             error = controller.apply(actions)

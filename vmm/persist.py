@@ -74,6 +74,7 @@ __all__ = [
     "FileBackend",
     "UffdBackend",
     "open_memory",
+    "prepare_uffd",
 ]
 
 #: Largest state file accepted on load (a 32-vCPU VM's state is ~200 KiB).
@@ -413,7 +414,7 @@ class UffdBackend:
         except (GuestMemoryError, OSError, ValueError) as exc:
             raise SnapshotLoadError(f"cannot create guest memory: {exc}") from exc
         try:
-            self.uffd = Userfaultfd.create(nonblocking=True)
+            self.uffd = take_prepared_uffd() or Userfaultfd.create(nonblocking=True)
             mappings = []
             for region, r in zip(mem.regions, sorted(layout.regions, key=lambda r: r.guest_addr)):
                 self.uffd.register(region.host_addr, region.size)
@@ -454,6 +455,25 @@ class UffdBackend:
 
     def __repr__(self) -> str:
         return f"<UffdBackend {self.path} {'connected' if self.sock else 'closed'}>"
+
+
+_prepared_uffd: Userfaultfd | None = None
+
+
+def prepare_uffd() -> None:
+    """Create (and negotiate) a userfaultfd ahead of a `Uffd` load; a VMM does this while idle."""
+    global _prepared_uffd
+    if _prepared_uffd is None:
+        try:
+            _prepared_uffd = Userfaultfd.create(nonblocking=True)
+        except UffdError:
+            pass  # the load will try again and report the error
+
+
+def take_prepared_uffd() -> Userfaultfd | None:
+    global _prepared_uffd
+    uffd, _prepared_uffd = _prepared_uffd, None
+    return uffd
 
 
 def open_memory(backend: FileBackend | UffdBackend, state: MicrovmState) -> GuestMemory:

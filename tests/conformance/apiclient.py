@@ -169,6 +169,8 @@ class VmmApiProcess:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no {needle!r} on the console within {timeout} s\n{self.describe()}")
+                if self.proc.poll() is not None and not any(t.is_alive() for t in self._pumps):
+                    raise AssertionError(f"ember-vmm exited without printing {needle!r}\n{self.describe()}")
                 self._cond.wait(min(left, 0.2))
 
     def send_console(self, data: bytes) -> None:
