@@ -10,7 +10,9 @@ Both images hold the same tree:
                           guest/tools/<name>.c as /bin/<name>: static
                           binaries compiled here with the host's gcc and
                           glibc (libc.a)
-    /etc/passwd, /etc/group, /etc/ember/init.d/   (hooks for later services)
+    /etc/ember/init.d/<name>   guest/rootfs/init.d/<name>, mode 0755: hooks
+                          /init runs in name order (50-agent starts ember-agent)
+    /etc/passwd, /etc/group
     /dev /proc /sys /tmp /run /root /mnt          mount points
 
 The initramfs is an uncompressed newc cpio written by guest.cpio (plus a
@@ -19,8 +21,8 @@ image is ext4 made with ``mkfs.ext4 -d`` (no mount, no root rights
 needed), without a journal or metadata checksums, with inode tables
 initialised at mkfs time: all of that is guest-kernel work avoided at
 boot. Both images are byte-reproducible. They are cached under
-``$EMBER_HOME/rootfs/<key>/``; the key covers the init script, the busybox
-binary, the guest tools' sources, their compiler flags and toolchain
+``$EMBER_HOME/rootfs/<key>/``; the key covers the init script, the init.d
+hooks, the busybox binary, the guest tools' sources, their compiler flags and toolchain
 (gcc, libc6-dev and linux-libc-dev versions) and ROOTFS_RECIPE_VERSION.
 Nothing here is an input of the kernel's cache key.
 """
@@ -53,12 +55,14 @@ __all__ = [
     "ROOTFS_BUILD_PACKAGES",
     "ROOTFS_SIZE_MIB",
     "INIT_SCRIPT_PATH",
+    "INIT_D_DIR",
     "TOOLS_DIR",
     "TOOL_CC",
     "TOOL_CFLAGS",
     "REQUIRED_APPLETS",
     "rootfs_cache_key",
     "load_tools",
+    "load_hooks",
     "toolchain_id",
     "compile_tool",
     "is_static_elf",
@@ -76,6 +80,8 @@ ROOTFS_BUILD_PACKAGES = ("busybox-static", "e2fsprogs", "gcc", "libc6-dev", "lin
 ROOTFS_SIZE_MIB = 64
 BUSYBOX = Path("/bin/busybox")
 INIT_SCRIPT_PATH = Path(__file__).resolve().parent / "rootfs" / "init"
+# Every file here becomes /etc/ember/init.d/<name> (mode 0755) in both images.
+INIT_D_DIR = Path(__file__).resolve().parent / "rootfs" / "init.d"
 # Every <name>.c here becomes the static binary /bin/<name> in both images.
 TOOLS_DIR = Path(__file__).resolve().parent / "tools"
 TOOL_CC = "gcc"
@@ -148,11 +154,13 @@ def rootfs_cache_key(
     tools: Sequence[tuple[str, bytes]] = (),
     toolchain: str = "",
     recipe_version: int = ROOTFS_RECIPE_VERSION,
+    hooks: Sequence[tuple[str, bytes]] = (),
 ) -> str:
     """sha256 (hex) of everything that decides the images' bytes.
 
     ``tools`` are (name, C source) pairs, in any order; ``toolchain`` names
-    the compiler and C library that build them (toolchain_id()).
+    the compiler and C library that build them (toolchain_id()); ``hooks``
+    are the (name, content) pairs of /etc/ember/init.d.
     """
     fields = [
         ("recipe", str(recipe_version).encode()),
@@ -164,6 +172,8 @@ def rootfs_cache_key(
     ]
     for name, source in sorted(tools):
         fields += [("tool-name", name.encode()), ("tool-source", source)]
+    for name, content in sorted(hooks):
+        fields += [("hook-name", name.encode()), ("hook", content)]
     hasher = hashlib.sha256()
     for label, value in fields:
         # Length-prefixed, so that no two different inputs give the same stream.
@@ -174,6 +184,14 @@ def rootfs_cache_key(
 def load_tools(tools_dir: Path = TOOLS_DIR) -> tuple[tuple[str, bytes], ...]:
     """(name, source) of every guest tool: ``<name>.c`` in ``tools_dir``, by name."""
     return tuple((p.stem, p.read_bytes()) for p in sorted(tools_dir.glob("*.c")))
+
+
+def load_hooks(hooks_dir: Path = INIT_D_DIR) -> tuple[tuple[str, bytes], ...]:
+    """(name, content) of every init.d hook in ``hooks_dir``, by name (none if it is missing)."""
+    if not hooks_dir.is_dir():
+        return ()
+    return tuple((p.name, p.read_bytes()) for p in sorted(hooks_dir.iterdir())
+                 if p.is_file() and not p.name.startswith("."))
 
 
 def toolchain_id() -> str:
@@ -231,12 +249,14 @@ def busybox_applets(busybox: Path = BUSYBOX) -> list[str]:
 
 
 def stage_tree(
-    dest: Path, init_script: bytes, busybox: Path = BUSYBOX, tools: Mapping[str, Path] | None = None
+    dest: Path, init_script: bytes, busybox: Path = BUSYBOX, tools: Mapping[str, Path] | None = None,
+    hooks: Sequence[tuple[str, bytes]] = (),
 ) -> None:
     """Lay out the guest's root tree in the empty directory ``dest``.
 
     ``tools`` maps a guest tool's name to its built binary, installed as
-    ``/bin/<name>``.
+    ``/bin/<name>``; ``hooks`` are (name, content) pairs installed as
+    ``/etc/ember/init.d/<name>`` with mode 0755.
     """
     applets = busybox_applets(busybox)
     names = {path.rpartition("/")[2] for path in applets}
@@ -265,6 +285,12 @@ def stage_tree(
             raise ToolBuildError(f"guest tool {name!r} clashes with /bin/{name} of busybox")
         shutil.copyfile(binary, target)
         target.chmod(0o755)
+    for name, content in sorted(hooks):
+        if not name or "/" in name or name in (".", ".."):
+            raise RootfsBuildError(f"init.d hook name {name!r} is not a plain file name")
+        hook = dest / "etc/ember/init.d" / name
+        hook.write_bytes(content)
+        hook.chmod(0o755)
     (dest / "init").write_bytes(init_script)
     (dest / "init").chmod(0o755)
     (dest / "sbin/init").symlink_to("/init")
@@ -339,8 +365,9 @@ def build_rootfs(home: Path, progress: host.Progress) -> RootfsImages:
     """Build (or find in the cache) the initramfs and ext4 root image."""
     init_script = INIT_SCRIPT_PATH.read_bytes()
     tools = load_tools()
+    hooks = load_hooks()
     toolchain = toolchain_id()
-    key = rootfs_cache_key(init_script, BUSYBOX.read_bytes(), tools, toolchain)
+    key = rootfs_cache_key(init_script, BUSYBOX.read_bytes(), tools, toolchain, hooks=hooks)
     images = RootfsImages(key, home / "rootfs" / key[:16])
     if images.is_complete():
         info = json.loads((images.directory / BUILD_INFO).read_text())
@@ -357,7 +384,7 @@ def build_rootfs(home: Path, progress: host.Progress) -> RootfsImages:
         progress("rootfs: staging busybox tree")
         tree = staging / "tree"
         tree.mkdir()
-        stage_tree(tree, init_script, tools=binaries)
+        stage_tree(tree, init_script, tools=binaries, hooks=hooks)
         (staging / INITRAMFS).write_bytes(initramfs_bytes(tree))
         progress(f"rootfs: mkfs.ext4 {ROOTFS_SIZE_MIB} MiB")
         make_ext4(tree, staging / ROOTFS, key)

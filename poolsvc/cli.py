@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import snapshot_cli
+from . import client_cli, snapshot_cli
 
 
 def _vmm_command() -> list[str]:
@@ -94,6 +94,24 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import structlog
+
+    from .pool import HostBudget
+    from .service import ServiceConfig, default_budget, serve_forever
+
+    renderer = (structlog.processors.JSONRenderer() if args.log_format == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
+                                    renderer], logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    budget = default_budget(max_vms=args.max_vms, oversubscription=args.oversubscription)
+    if args.mem_budget_mib is not None:
+        budget = HostBudget(mem_mib=args.mem_budget_mib, max_vms=args.max_vms, vcpus=None,
+                            oversubscription=args.oversubscription)
+    config = ServiceConfig(service_id=args.service_id, budget=budget, max_restoring=args.max_restoring)
+    return serve_forever(args.listen, config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Ember: snapshot-centric microVM pools.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -121,7 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     im.set_defaults(func=cmd_images)
 
+    sv = sub.add_parser("serve", help="run the gRPC warm-pool service")
+    sv.add_argument("--listen", default=os.environ.get("EMBER_ADDR", "127.0.0.1:50051"),
+                    help="address to listen on (default: $EMBER_ADDR or %(default)s)")
+    sv.add_argument("--service-id", default="default", help="names the run directory $EMBER_HOME/run/<id>")
+    sv.add_argument("--max-vms", type=int, default=512, help="most microVMs on this host")
+    sv.add_argument("--mem-budget-mib", type=int, default=None,
+                    help="guest memory the pools may commit (default: 80%% of host RAM)")
+    sv.add_argument("--oversubscription", type=float, default=4.0,
+                    help="memory oversubscription ratio (clones share template memory copy-on-write)")
+    sv.add_argument("--max-restoring", type=int, default=4, help="concurrent pool refills")
+    sv.add_argument("--log-format", choices=("json", "console"), default="console")
+    sv.set_defaults(func=cmd_serve)
+
     snapshot_cli.add_parsers(sub)  # ember snapshot ..., ember page-server
+    client_cli.add_parsers(sub)  # ember pool|sandbox|template|status|acquire (gRPC client)
     return p
 
 

@@ -167,6 +167,8 @@ PREFIXES = {
     "none": [],
     "handshake": [plain(SYN, ack="zero"), plain(ACK)],
     "request": [plain(SYN, ack="zero"), plain(ACK), plain(ACK | PSH, http_request("GET", "/latest/meta-data/blob"))],
+    "request-close": [plain(SYN, ack="zero"), plain(ACK),
+                      plain(ACK | PSH, http_request("GET", "/latest/meta-data/blob")), plain(ACK | FIN)],
 }
 
 REACHED: set[str] = set()

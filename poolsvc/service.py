@@ -1,0 +1,374 @@
+"""The pool service: the gRPC backend that ties templates, pools, VMMs and agents together.
+
+`PoolService` implements `server.PoolBackend` over:
+
+* `launcher.TemplateStore` — templates on disk (a snapshot of a guest booted
+  until its agent answered);
+* `pool.PoolMachine` + `runtime.PoolRuntime` — the pure pool logic and the
+  threads that execute its actions;
+* `launcher.Launcher` — one `ember-vmm` process per microVM, forked by the
+  zygote, restored PAUSED from the template's snapshot, resumed on Acquire,
+  killed on Release;
+* `agent.AgentClient` — the guest agent on vsock (Exec, metadata, clock).
+
+Acquire from a warm pool is a resume of a paused VM; per-sandbox identity is
+refreshed after it: VMGenID (new generation ID, the guest reseeds its RNG)
+happened at restore; metadata from the Acquire call is written by the agent
+to ``/run/ember/metadata.json`` before Acquire returns; the guest clock is
+stepped to the host's time by the agent in the background (best effort: the
+test guest's agent does not set clocks).
+
+`serve_forever(...)` is `ember serve`: it cleans up what a crashed
+predecessor left in the run directory, starts the gRPC server, and on
+SIGTERM/SIGINT drains (destroys every microVM) and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .agent import AgentClient, AgentError, AgentRequestFailed, Exit, Stderr, Stdout
+from .api_types import (
+    AlreadyExists,
+    DeadlineExceeded,
+    ExecChunk,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PoolError,
+    PoolStatusInfo,
+    SandboxInfo,
+    TemplateInfo,
+    TemplateSpec,
+    TemplateState,
+    Unavailable,
+)
+from .launcher import (
+    LaunchError,
+    Launcher,
+    TemplateError,
+    TemplateExists,
+    TemplateNotFound,
+    TemplateStore,
+    cleanup_stale,
+    ember_home,
+)
+from .launcher import TemplateInfo as StoredTemplate
+from .pool import HostBudget, PoolMachine
+from .runtime import PoolRuntime
+
+log = structlog.get_logger("poolsvc.service")
+
+__all__ = ["PoolService", "ServiceConfig", "serve_forever", "default_budget"]
+
+#: Where the agent keeps per-sandbox metadata (docs/agent.md).
+METADATA_PATH = "/run/ember/metadata.json"
+DEFAULT_LEASE_TTL_S = 600.0
+#: Template boots wait this long for the agent (a Linux boot takes ~1 min on nested hosts).
+DEFAULT_TEMPLATE_TIMEOUT_S = 1800.0
+
+
+def default_budget(*, max_vms: int = 512, oversubscription: float = 4.0) -> HostBudget:
+    """80% of the host's RAM for guests, with `oversubscription` (clones share memory copy-on-write)."""
+    mem_total_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_total_kib = int(line.split()[1])
+    return HostBudget(mem_mib=int(mem_total_kib / 1024 * 0.8), max_vms=max_vms, vcpus=None,
+                      oversubscription=oversubscription)
+
+
+class ServiceConfig:
+    """Where the service keeps its files and how big it may grow."""
+
+    def __init__(self, home: Path | None = None, *, service_id: str = "default", budget: HostBudget | None = None,
+                 max_restoring: int = 4, default_boot_args_suffix: str = " ember.exit=idle") -> None:
+        self.home = home if home is not None else ember_home()
+        self.service_id = service_id
+        self.templates_dir = self.home / "templates"
+        self.run_dir = self.home / "run" / service_id
+        self.budget = budget if budget is not None else default_budget()
+        self.max_restoring = max_restoring
+        self.default_boot_args_suffix = default_boot_args_suffix
+
+    def __repr__(self) -> str:
+        return f"<ServiceConfig {self.home} id={self.service_id} {self.budget}>"
+
+
+class PoolService:
+    """`server.PoolBackend` over the runtime, launcher, template store and agents. Thread-safe."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        config.templates_dir.mkdir(parents=True, exist_ok=True)
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        stale = cleanup_stale(config.run_dir)
+        if stale:
+            log.warning("cleaned up after a previous service", vms=len(stale))
+        self.store = TemplateStore(config.templates_dir)
+        self.launcher = Launcher(self.store, config.run_dir, service_id=config.service_id)
+        self.machine = PoolMachine(config.budget, max_restoring=config.max_restoring)
+        self.runtime = PoolRuntime(self.machine, self.launcher)
+        self._metadata: dict[str, dict[str, str]] = {}
+        self._creating: set[str] = set()
+        self._lock = threading.Lock()
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> "PoolService":
+        self.launcher.start()
+        self.runtime.start()
+        for t in self.store.list():  # known templates get an (empty) pool: Acquire restores on demand
+            self.runtime.set_pool(t.name, 0, 0, mem_mib=t.mem_mib, vcpus=t.vcpus)
+        return self
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop serving; with `drain`, destroy every microVM. Leaves no process behind when draining."""
+        self.runtime.shutdown(drain=drain)
+        if drain:
+            self.launcher.destroy_all()
+        self.launcher.close()
+
+    def __repr__(self) -> str:
+        return f"<PoolService {self.config.run_dir} {self.runtime!r}>"
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _template(self, name: str) -> StoredTemplate:
+        try:
+            return self.store.get(name)
+        except TemplateNotFound:
+            raise NotFound(f"no template named {name!r}") from None
+        except TemplateError as exc:
+            raise FailedPrecondition(str(exc)) from exc
+
+    def _info(self, vm_id: str) -> SandboxInfo:
+        record = self.runtime.get(vm_id)
+        handle = self.runtime.handle(vm_id)
+        deadline = record.lease_deadline
+        return SandboxInfo(
+            id=record.vm_id, template=record.template, state=record.api_state,
+            vsock_uds_path=str(handle.vsock_uds) if handle is not None else "",
+            agent_port=handle.agent_port if handle is not None else 0,
+            lease_deadline=self.runtime.to_wall(deadline) if deadline is not None else None,
+            metadata=dict(self._metadata.get(vm_id, {})))
+
+    def _agent(self, vm_id: str, timeout: float = 30.0) -> AgentClient:
+        handle = self.runtime.handle(vm_id)
+        if handle is None:
+            raise NotFound(f"no sandbox {vm_id!r}")
+        return AgentClient(str(handle.vsock_uds), handle.agent_port, timeout=timeout)
+
+    @staticmethod
+    def _remaining(deadline: float | None, default: float) -> float:
+        if deadline is None:
+            return default
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the deadline passed")
+        return left
+
+    # --- sandboxes -----------------------------------------------------------------------------
+
+    def acquire(self, template: str, *, lease_ttl: float | None, metadata: Mapping[str, str],
+                idempotency_key: str | None, deadline: float | None, cancelled: threading.Event) -> SandboxInfo:
+        self._template(template)
+        vm_id, _handle = self.runtime.acquire(template, lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
+                                              idempotency_key, deadline=deadline, cancelled=cancelled)
+        if metadata and vm_id not in self._metadata:
+            try:
+                self._agent(vm_id, self._remaining(deadline, 30.0)).write_file(
+                    METADATA_PATH, json.dumps(dict(metadata), sort_keys=True).encode())
+            except (AgentError, PoolError) as exc:
+                self._release_quietly(vm_id)
+                raise FailedPrecondition(f"cannot give sandbox {vm_id} its metadata: {exc}") from exc
+        with self._lock:
+            self._metadata.setdefault(vm_id, dict(metadata))
+        threading.Thread(target=self._step_clock, args=(vm_id,), name="ember-clock-step", daemon=True).start()
+        return self._info(vm_id)
+
+    def _step_clock(self, vm_id: str) -> None:
+        """Best effort: the restored guest's clock is the template's; step it to now."""
+        try:
+            self._agent(vm_id, 30.0).set_time(time.time_ns())
+        except AgentRequestFailed:
+            pass  # an agent that does not set clocks (the test guest)
+        except (AgentError, PoolError) as exc:
+            log.info("clock step skipped", sandbox=vm_id, reason=str(exc))
+
+    def _release_quietly(self, vm_id: str) -> None:
+        try:
+            self.runtime.release(vm_id)
+        except PoolError:
+            pass
+
+    def release(self, sandbox_id: str, *, deadline: float | None, cancelled: threading.Event) -> None:
+        self.runtime.release(sandbox_id)
+        with self._lock:
+            self._metadata.pop(sandbox_id, None)
+
+    def get(self, sandbox_id: str, *, deadline: float | None, cancelled: threading.Event) -> SandboxInfo:
+        return self._info(sandbox_id)
+
+    def list_sandboxes(self, template: str | None, *, deadline: float | None,
+                       cancelled: threading.Event) -> Sequence[SandboxInfo]:
+        out = []
+        for record in self.runtime.list(template):
+            try:
+                out.append(self._info(record.vm_id))
+            except NotFound:
+                continue  # destroyed meanwhile
+        return out
+
+    def exec(self, sandbox_id: str, argv: Sequence[str], *, stdin: bytes, env: Mapping[str, str],
+             timeout: float | None, deadline: float | None, cancelled: threading.Event) -> Iterator[ExecChunk]:
+        record = self.runtime.get(sandbox_id)
+        if record.api_state.value != "leased":
+            raise FailedPrecondition(f"sandbox {sandbox_id} is not leased (it is {record.api_state.value})")
+        io_timeout = self._remaining(deadline, 3600.0)
+        client = self._agent(sandbox_id, io_timeout)
+        try:
+            events = client.exec(list(argv), stdin=stdin, env=dict(env) or None, timeout_s=timeout)
+            for event in events:
+                if isinstance(event, Stdout):
+                    yield ExecChunk(stdout=event.data)
+                elif isinstance(event, Stderr):
+                    yield ExecChunk(stderr=event.data)
+                elif isinstance(event, Exit):
+                    yield ExecChunk(exit_code=event.status, timed_out=event.timed_out)
+                    return
+        except AgentRequestFailed as exc:
+            raise FailedPrecondition(f"the sandbox's agent refused: {exc}") from exc
+        except AgentError as exc:
+            raise Unavailable(f"cannot reach the sandbox's agent: {exc}") from exc
+
+    # --- templates ---------------------------------------------------------------------------
+
+    def _defaults(self, spec: TemplateSpec) -> dict[str, Any]:
+        kernel, rootfs, initrd, boot_args = spec.kernel, spec.rootfs, spec.initrd, spec.boot_args
+        if not kernel:
+            try:
+                from guest.images import ImagesNotBuilt, show
+                images = show()
+            except (ImportError, OSError, ValueError) as exc:
+                raise FailedPrecondition(f"no kernel given and no default guest images: {exc}") from exc
+            except Exception as exc:  # ImagesNotBuilt
+                raise FailedPrecondition(f"no kernel given and the default guest images are not built "
+                                         f"(`ember images build`): {exc}") from exc
+            kernel = images["kernel"]
+            rootfs = rootfs if rootfs else images["rootfs"]
+            boot_args = boot_args if boot_args else images["boot_args"] + self.config.default_boot_args_suffix
+        return {"kernel": kernel, "rootfs": rootfs or None, "initrd": initrd or None,
+                "boot_args": boot_args or "", "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
+
+    def create_template(self, spec: TemplateSpec, *, deadline: float | None,
+                        cancelled: threading.Event) -> TemplateInfo:
+        args = self._defaults(spec)
+        with self._lock:
+            if spec.name in self._creating:
+                raise AlreadyExists(f"template {spec.name!r} is being created")
+            self._creating.add(spec.name)
+        try:
+            timeout = self._remaining(deadline, DEFAULT_TEMPLATE_TIMEOUT_S)
+
+            def ready(handle: Any) -> bool:
+                if cancelled.is_set():
+                    raise TemplateError("the CreateTemplate call was cancelled")
+                try:
+                    AgentClient(str(handle.vsock_uds), handle.agent_port, timeout=5.0).ping()
+                    return True
+                except AgentError:
+                    return False
+
+            try:
+                stored = self.store.create(spec.name, args["kernel"], args["rootfs"], args["initrd"],
+                                           args["boot_args"], args["vcpus"], args["mem_mib"], ready=ready,
+                                           timeout=timeout, poll_interval=0.5)
+            except TemplateExists:
+                raise AlreadyExists(f"template {spec.name!r} exists") from None
+            except (TemplateError, LaunchError) as exc:
+                raise FailedPrecondition(f"cannot create template {spec.name!r}: {exc}") from exc
+            self.runtime.set_pool(stored.name, 0, 0, mem_mib=stored.mem_mib, vcpus=stored.vcpus)
+            return _template_info(stored)
+        finally:
+            with self._lock:
+                self._creating.discard(spec.name)
+
+    def list_templates(self, *, deadline: float | None, cancelled: threading.Event) -> Sequence[TemplateInfo]:
+        return [_template_info(t) for t in self.store.list()]
+
+    def delete_template(self, name: str, *, deadline: float | None, cancelled: threading.Event) -> None:
+        self._template(name)
+        self.runtime.remove_template(name)
+        try:
+            self.store.remove(name)
+        except TemplateNotFound:
+            raise NotFound(f"no template named {name!r}") from None
+
+    # --- pools -------------------------------------------------------------------------------
+
+    def set_pool(self, template: str, min_warm: int, max_warm: int, *, deadline: float | None,
+                 cancelled: threading.Event) -> PoolStatusInfo:
+        t = self._template(template)
+        if min_warm > max_warm:
+            raise InvalidArgument("min_warm is above max_warm")
+        return self.runtime.set_pool(template, min_warm, max_warm, mem_mib=t.mem_mib, vcpus=t.vcpus)
+
+    def pool_status(self, template: str, *, deadline: float | None, cancelled: threading.Event) -> PoolStatusInfo:
+        self._template(template)
+        return self.runtime.status(template)
+
+    def list_pools(self, *, deadline: float | None, cancelled: threading.Event) -> Sequence[PoolStatusInfo]:
+        return self.runtime.statuses()
+
+
+def _template_info(t: StoredTemplate) -> TemplateInfo:
+    try:
+        created = time.mktime(time.strptime(t.created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    except (ValueError, TypeError):
+        created = 0.0
+    return TemplateInfo(name=t.name, state=TemplateState.READY, vcpus=t.vcpus, mem_mib=t.mem_mib, created=created,
+                        kernel=t.kernel, rootfs=str(t.rootfs_path or ""), initrd=t.initrd or "",
+                        boot_args=t.boot_args)
+
+
+def serve_forever(listen: str, config: ServiceConfig) -> int:
+    """`ember serve`: run until SIGTERM/SIGINT, then drain. Returns the exit status."""
+    from .server import ServerError, start
+
+    service = PoolService(config).start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server, port = start(service, listen)
+        except ServerError as exc:
+            log.error("cannot listen", addr=listen, error=str(exc))
+            service.shutdown(drain=True)
+            return 1
+        print(json.dumps({"event": "listening", "addr": listen, "port": port, "pid": os.getpid(),
+                          "run_dir": str(config.run_dir)}), flush=True)
+        log.info("ember pool service listening", addr=listen, port=port, run_dir=str(config.run_dir))
+        while not stop.wait(0.5):
+            pass
+        log.info("draining")
+        server.stop(grace=2.0).wait(5.0)
+        service.shutdown(drain=True)
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,103 @@
+"""Test helpers: `ember serve` in a subprocess with its own EMBER_HOME, and gRPC stubs to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from poolsvc import proto
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """`python -m poolsvc.cli serve` on a free port; `stub` is a PoolService stub."""
+
+    def __init__(self, home: Path, *extra: str) -> None:
+        self.home = home
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.env = dict(os.environ, EMBER_HOME=str(home), PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        self.log = open(home / f"serve-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "serve", "--listen", self.addr, *extra],
+                                     cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self.log,
+                                     start_new_session=True)
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("{"):
+            self.kill()
+            raise AssertionError(f"ember serve did not start: {line!r}\n{self.logs()}")
+        self.run_dir = Path(json.loads(line)["run_dir"])
+        self.pb2, pb2_grpc = proto.load()
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = pb2_grpc.PoolServiceStub(self.channel)
+
+    def logs(self) -> str:
+        self.log.flush()
+        return (self.home / f"serve-{self.port}.log").read_text(errors="replace")[-4000:]
+
+    def vmm_pids(self) -> dict[str, int]:
+        """vm id -> VMM pid, from the run directory's pid files."""
+        out = {}
+        for pidfile in self.run_dir.glob("*/vmm.pid"):
+            try:
+                out[pidfile.parent.name] = json.loads(pidfile.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
+
+    def wait_pool(self, template: str, warm: int, timeout: float = 60.0) -> object:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.stub.GetPoolStatus(self.pb2.GetPoolStatusRequest(template=template))
+            if status.warm >= warm:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pool {template} has {status.warm} warm, wanted {warm}\n{self.logs()}")
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        self.channel.close() if hasattr(self, "channel") else None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
