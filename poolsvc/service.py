@@ -73,6 +73,8 @@ __all__ = ["PoolService", "ServiceConfig", "serve_forever", "default_budget"]
 #: Where the agent keeps per-sandbox metadata (docs/agent.md).
 METADATA_PATH = "/run/ember/metadata.json"
 DEFAULT_LEASE_TTL_S = 600.0
+#: What guest agents print on the console once they listen: ember-agent, the test guest's agent mode.
+AGENT_READY_MARKERS = (b"ember-agent: listening", b"AGENT LISTENING")
 #: Template boots wait this long for the agent (a Linux boot takes ~1 min on nested hosts).
 DEFAULT_TEMPLATE_TIMEOUT_S = 1800.0
 
@@ -282,8 +284,16 @@ class PoolService:
             timeout = self._remaining(deadline, DEFAULT_TEMPLATE_TIMEOUT_S)
 
             def ready(handle: Any) -> bool:
+                # Ping only once the agent says it listens: vsock connects to a guest port
+                # nobody listens on yet cost the booting guest dearly (docs/pool.md).
                 if cancelled.is_set():
                     raise TemplateError("the CreateTemplate call was cancelled")
+                try:
+                    console = handle.console_log.read_bytes()[-65536:]
+                except OSError:
+                    return False
+                if not any(marker in console for marker in AGENT_READY_MARKERS):
+                    return False
                 try:
                     AgentClient(str(handle.vsock_uds), handle.agent_port, timeout=5.0).ping()
                     return True

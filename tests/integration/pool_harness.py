@@ -46,7 +46,8 @@ class Service:
         self.stub = pb2_grpc.PoolServiceStub(self.channel)
 
     def logs(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.home / f"serve-{self.port}.log").read_text(errors="replace")[-4000:]
 
     def vmm_pids(self) -> dict[str, int]:
@@ -71,18 +72,49 @@ class Service:
 
     def terminate(self, timeout: float = 60.0) -> int:
         self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         finally:
             self.log.close()
 
     def kill(self) -> None:
-        self.channel.close() if hasattr(self, "channel") else None
+        """SIGKILL the service (a crash: its VMMs outlive it, as a real crash would leave them)."""
+        if hasattr(self, "channel"):
+            self.channel.close()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
+
+    def cleanup(self) -> None:
+        """Test teardown: stop the service and make sure none of its VMMs or its zygote survives."""
+        if self.proc.poll() is None:
+            try:
+                self.terminate(timeout=30)
+            except (subprocess.TimeoutExpired, OSError):
+                self.kill()
+        for pid in list(self.vmm_pids().values()) + _zygote_pids(self.run_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _zygote_pids(run_dir: Path) -> list[int]:
+    """Zygote (and zygote-forked VMM) processes whose command line names `run_dir`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "vmm.zygote" in cmdline and str(run_dir) in cmdline:
+            out.append(int(proc.name))
+    return out
 
 
 def alive(pid: int) -> bool:

@@ -62,8 +62,7 @@ def linux_pool():
         print(f"\n[pool-linux] template created in {time.monotonic() - t0:.1f} s")
         yield svc
     finally:
-        if svc.proc.poll() is None:
-            assert svc.terminate() == 0, svc.logs()
+        svc.cleanup()
         shutil.rmtree(home, ignore_errors=True)
 
 

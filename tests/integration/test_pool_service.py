@@ -44,8 +44,7 @@ def service(home):
 
     yield start
     for s in services:
-        if s.proc.poll() is None:
-            s.kill()
+        s.cleanup()
 
 
 def _template(svc: Service, testguest: Path, name: str = "tg") -> None:

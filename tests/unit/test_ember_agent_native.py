@@ -68,8 +68,10 @@ def raw(path: Path) -> socket.socket:
     return s
 
 
-def read_reply(s: socket.socket):
-    decoder = FrameDecoder()
+def read_reply(s: socket.socket, decoder: FrameDecoder):
+    """The next message on s. The decoder must live as long as the connection:
+    one recv may carry several frames (STDOUT and EXIT often arrive together),
+    and the bytes after the first frame stay buffered in it for the next call."""
     while (msg := decoder.next_message()) is None:
         data = s.recv(65536)
         if not data:
@@ -146,13 +148,15 @@ def test_write_file_replaces_atomically_with_the_mode(agent, tmp_path):
 def test_several_requests_on_one_connection(agent):
     _client, path, _proc = agent
     with raw(path) as s:
+        decoder = FrameDecoder()
         s.sendall(encode(Ping()))
-        assert read_reply(s) == Pong(1, "ember-agent 1.0")
+        assert read_reply(s, decoder) == Pong(1, "ember-agent 1.0")
         s.sendall(encode(Exec((b"echo", b"one"))))
-        assert read_reply(s) == Stdout(b"one\n")
-        assert read_reply(s) == Exit(0)
+        assert read_reply(s, decoder) == Stdout(b"one\n")
+        assert read_reply(s, decoder) == Exit(0)
         s.sendall(encode(Ping()))
-        assert read_reply(s) == Pong(1, "ember-agent 1.0")
+        assert read_reply(s, decoder) == Pong(1, "ember-agent 1.0")
+        assert decoder.pending == 0
 
 
 @pytest.mark.parametrize("frame, message", [
@@ -176,7 +180,7 @@ def test_malformed_frames_get_error_and_close_and_the_agent_keeps_serving(agent,
     client, path, proc = agent
     with raw(path) as s:
         s.sendall(frame)
-        reply = read_reply(s)
+        reply = read_reply(s, FrameDecoder())
         assert isinstance(reply, Error) and message in reply.message, reply
         assert_closed(s)
     assert proc.poll() is None
@@ -195,7 +199,7 @@ def test_random_garbage_never_crashes_the_agent(agent):
         with raw(path) as s:
             s.sendall(struct.pack(">BI", kind, declared) + payload)
             if declared == len(payload) or declared > 8 << 20 or kind not in (0x01, 0x02):
-                reply = read_reply(s)
+                reply = read_reply(s, FrameDecoder())
                 assert isinstance(reply, (Error, Pong)), reply
     assert proc.poll() is None
     assert client.ping() == "ember-agent 1.0"
@@ -206,12 +210,12 @@ def test_nul_in_argv_and_env_without_equals_are_refused(agent):
     payload = struct.pack(">I", 1) + struct.pack(">I", 3) + b"a\0b" + struct.pack(">III", 0, 0, 0) + struct.pack(">I", 0)
     with raw(path) as s:
         s.sendall(struct.pack(">BI", 0x02, len(payload)) + payload)
-        assert "malformed EXEC" in read_reply(s).message
+        assert "malformed EXEC" in read_reply(s, FrameDecoder()).message
     payload = (struct.pack(">II", 1, 4) + b"true" + struct.pack(">II", 1, 5) + b"NOVAL"
                + struct.pack(">III", 0, 0, 0))
     with raw(path) as s:
         s.sendall(struct.pack(">BI", 0x02, len(payload)) + payload)
-        assert "malformed EXEC" in read_reply(s).message
+        assert "malformed EXEC" in read_reply(s, FrameDecoder()).message
 
 
 def test_truncated_and_silent_connections_do_not_block_others(agent):
@@ -232,7 +236,7 @@ def test_an_idle_connection_yields_to_a_waiting_client(agent):
     client, path, _proc = agent
     with raw(path) as s:
         s.sendall(encode(Ping()))
-        assert isinstance(read_reply(s), Pong)
+        assert isinstance(read_reply(s, FrameDecoder()), Pong)
         start = time.monotonic()
         assert client.ping() == "ember-agent 1.0"
         assert time.monotonic() - start < 2
