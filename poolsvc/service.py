@@ -73,6 +73,17 @@ __all__ = ["PoolService", "ServiceConfig", "serve_forever", "default_budget"]
 #: Where the agent keeps per-sandbox metadata (docs/agent.md).
 METADATA_PATH = "/run/ember/metadata.json"
 DEFAULT_LEASE_TTL_S = 600.0
+TEMPLATE_BOOT_ATTEMPTS = 3
+#: How long Acquire waits for a resumed sandbox's agent to answer.
+AGENT_ANSWER_TIMEOUT_S = 30.0
+#: /init prints EMBER-INIT-OK; the agent normally listens a second or two later.
+AGENT_START_TIMEOUT_S = 180.0
+
+
+class _AgentNeverStarted(Exception):
+    """The template guest ran /init but its agent never started listening."""
+
+
 #: What guest agents print on the console once they listen: ember-agent, the test guest's agent mode.
 AGENT_READY_MARKERS = (b"ember-agent: listening", b"AGENT LISTENING")
 #: Template boots wait this long for the agent (a Linux boot takes ~1 min on nested hosts).
@@ -187,6 +198,11 @@ class PoolService:
         self._template(template)
         vm_id, _handle = self.runtime.acquire(template, lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
                                               idempotency_key, deadline=deadline, cancelled=cancelled)
+        try:
+            self._wait_for_agent(vm_id, deadline, cancelled)
+        except PoolError:
+            self._release_quietly(vm_id)
+            raise
         if metadata and vm_id not in self._metadata:
             try:
                 self._agent(vm_id, self._remaining(deadline, 30.0)).write_file(
@@ -198,6 +214,29 @@ class PoolService:
             self._metadata.setdefault(vm_id, dict(metadata))
         threading.Thread(target=self._step_clock, args=(vm_id,), name="ember-clock-step", daemon=True).start()
         return self._info(vm_id)
+
+    def _wait_for_agent(self, vm_id: str, deadline: float | None, cancelled: threading.Event) -> None:
+        """Return once the resumed sandbox's agent answers a PING.
+
+        Right after a resume the guest is still handling the vsock
+        TRANSPORT_RESET that every restore sends (its pre-snapshot
+        connections are gone), and a CONNECT can be refused for that moment.
+        """
+        until = time.monotonic() + AGENT_ANSWER_TIMEOUT_S
+        if deadline is not None:
+            until = min(until, deadline)
+        delay = 0.002
+        while True:
+            try:
+                self._agent(vm_id, max(0.5, until - time.monotonic())).ping()
+                return
+            except AgentError as exc:
+                if cancelled.is_set():
+                    raise DeadlineExceeded("the Acquire call was cancelled") from exc
+                if time.monotonic() + delay >= until:
+                    raise Unavailable(f"sandbox {vm_id}'s agent does not answer: {exc}") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _step_clock(self, vm_id: str) -> None:
         """Best effort: the restored guest's clock is the template's; step it to now."""
@@ -281,38 +320,67 @@ class PoolService:
                 raise AlreadyExists(f"template {spec.name!r} is being created")
             self._creating.add(spec.name)
         try:
-            timeout = self._remaining(deadline, DEFAULT_TEMPLATE_TIMEOUT_S)
-
-            def ready(handle: Any) -> bool:
-                # Ping only once the agent says it listens: vsock connects to a guest port
-                # nobody listens on yet cost the booting guest dearly (docs/pool.md).
-                if cancelled.is_set():
-                    raise TemplateError("the CreateTemplate call was cancelled")
+            stored = None
+            for attempt in range(1, TEMPLATE_BOOT_ATTEMPTS + 1):
                 try:
-                    console = handle.console_log.read_bytes()[-65536:]
-                except OSError:
-                    return False
-                if not any(marker in console for marker in AGENT_READY_MARKERS):
-                    return False
-                try:
-                    AgentClient(str(handle.vsock_uds), handle.agent_port, timeout=5.0).ping()
-                    return True
-                except AgentError:
-                    return False
-
-            try:
-                stored = self.store.create(spec.name, args["kernel"], args["rootfs"], args["initrd"],
-                                           args["boot_args"], args["vcpus"], args["mem_mib"], ready=ready,
-                                           timeout=timeout, poll_interval=0.5)
-            except TemplateExists:
-                raise AlreadyExists(f"template {spec.name!r} exists") from None
-            except (TemplateError, LaunchError) as exc:
-                raise FailedPrecondition(f"cannot create template {spec.name!r}: {exc}") from exc
+                    stored = self._boot_template(spec.name, args, deadline, cancelled)
+                    break
+                except _AgentNeverStarted as exc:
+                    log.warning("template boot: the agent never started; booting again", template=spec.name,
+                                attempt=attempt, reason=str(exc))
+            if stored is None:
+                raise FailedPrecondition(f"cannot create template {spec.name!r}: the guest agent did not start "
+                                         f"in {TEMPLATE_BOOT_ATTEMPTS} boots")
             self.runtime.set_pool(stored.name, 0, 0, mem_mib=stored.mem_mib, vcpus=stored.vcpus)
             return _template_info(stored)
         finally:
             with self._lock:
                 self._creating.discard(spec.name)
+
+    def _boot_template(self, name: str, args: dict[str, Any], deadline: float | None,
+                       cancelled: threading.Event) -> StoredTemplate:
+        """One boot of a template VM until its agent answers, then the snapshot.
+
+        Raises `_AgentNeverStarted` when /init ran but no agent appeared within
+        `AGENT_START_TIMEOUT_S` (on kvm_pvm hosts a guest process occasionally
+        sleeps forever — docs/host-kvm.md — and a new boot is the cure).
+        """
+        timeout = self._remaining(deadline, DEFAULT_TEMPLATE_TIMEOUT_S)
+        init_seen: list[float] = []
+
+        def ready(handle: Any) -> bool:
+            # Ping only once the agent says it listens: there is no point earlier.
+            if cancelled.is_set():
+                raise TemplateError("the CreateTemplate call was cancelled")
+            try:
+                console = handle.console_log.read_bytes()[-65536:]
+            except OSError:
+                return False
+            if not any(marker in console for marker in AGENT_READY_MARKERS):
+                if b"EMBER-INIT-OK" in console:
+                    if not init_seen:
+                        init_seen.append(time.monotonic())
+                    elif time.monotonic() - init_seen[0] > AGENT_START_TIMEOUT_S:
+                        raise _AgentNeverStarted(f"no agent {AGENT_START_TIMEOUT_S:.0f} s after /init started")
+                return False
+            try:
+                AgentClient(str(handle.vsock_uds), handle.agent_port, timeout=5.0).ping()
+                return True
+            except AgentError:
+                return False
+
+        try:
+            return self.store.create(name, args["kernel"], args["rootfs"], args["initrd"], args["boot_args"],
+                                     args["vcpus"], args["mem_mib"], ready=ready, timeout=timeout,
+                                     poll_interval=0.5)
+        except TemplateExists:
+            raise AlreadyExists(f"template {name!r} exists") from None
+        except TemplateError as exc:
+            if isinstance(exc.__cause__, _AgentNeverStarted):
+                raise exc.__cause__ from exc
+            raise FailedPrecondition(f"cannot create template {name!r}: {exc}") from exc
+        except LaunchError as exc:
+            raise FailedPrecondition(f"cannot create template {name!r}: {exc}") from exc
 
     def list_templates(self, *, deadline: float | None, cancelled: threading.Event) -> Sequence[TemplateInfo]:
         return [_template_info(t) for t in self.store.list()]

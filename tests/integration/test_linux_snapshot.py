@@ -47,7 +47,9 @@ from guest.images import ImagesNotBuilt, run_arg, show
 from tests.integration.netns import TapNamespace, missing_requirements
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BOOT_TIMEOUT_S = 1800
+BOOT_TIMEOUT_S = 1200
+BOOT_ATTEMPTS = 2
+STALL_S = 240
 RESTORE_TIMEOUT_S = 300
 GUEST_ADDR = "10.200.0.2"
 GUEST_MAC = "06:00:0a:c8:00:02"
@@ -132,54 +134,80 @@ def template():
     work = Path(tempfile.mkdtemp(prefix="ember-ls-"))
     ns = TapNamespace.create(prefix="ember-ls-")
     rootfs = work / "rootfs.ext4"
-    shutil.copyfile(img["rootfs"], rootfs)
-    proc = apiclient.VmmApiProcess(work, ("--id", "template"), wrapper=ns.exec_prefix)
+    result = None
     try:
-        api = proc.api
-        args = f"{img['boot_args']} ember.exit=shell {run_arg(GUEST_SCRIPT)}"
-        log = work / "vmm.log"
-        log.touch()
-        # Firecracker's getting-started flow, with curl exactly as its docs run it
-        # (logger, boot source, root drive, net1, InstanceStart), plus a vsock device.
-        for path, body in (
-            ("/logger", {"log_path": str(log), "level": "Debug", "show_level": True, "show_log_origin": True}),
-            ("/boot-source", {"kernel_image_path": img["kernel"], "boot_args": args}),
-            ("/drives/rootfs", {"drive_id": "rootfs", "path_on_host": str(rootfs), "is_root_device": True,
-                                "is_read_only": False}),
-            ("/network-interfaces/net1", {"iface_id": "net1", "guest_mac": GUEST_MAC, "host_dev_name": ns.tap}),
-            ("/vsock", {"guest_cid": 3, "uds_path": str(work / "v.sock")}),
-            ("/actions", {"action_type": "InstanceStart"}),
-        ):
-            resp = apiclient.curl(proc.sock, "PUT", path, json.dumps(body))
-            assert resp.status == 204, f"{path}: {resp}\n{proc.describe()}"
-        info = api.get("/").json()
-        assert info["state"] == "Running" and info["app_name"] == "Ember", info
-        assert api.get("/machine-config").json()["mem_size_mib"] == 128  # Firecracker's default
-        started = time.monotonic()
-        proc.wait_for_output("COUNT=3", timeout=BOOT_TIMEOUT_S)
-        print(f"\n[linux-snapshot] template boot to COUNT=3: {time.monotonic() - started:.1f} s")
-        assert api.patch("/vm", {"state": "Paused"}).status == 204
-        state, mem = work / "tmpl.state", work / "tmpl.mem"
-        t0 = time.monotonic()
-        resp = api.put("/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem)})
-        assert resp.status == 204, f"{resp}\n{proc.describe()}"
-        print(f"[linux-snapshot] snapshot create: {(time.monotonic() - t0) * 1000:.0f} ms")
-        time.sleep(0.5)
-        console = proc.stdout
-        assert "MARKER-WRITTEN" in console and "SCRIPT-DONE" in console, console
-        assert any('"level"' in line for line in log.read_text().splitlines()), "the logger wrote nothing"
-        last = max(int(m) for m in COUNT_RE.findall(console))
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            shutil.copyfile(img["rootfs"], rootfs)
+            proc = apiclient.VmmApiProcess(work, ("--id", "template"), wrapper=ns.exec_prefix,
+                                           sock_name=f"api{attempt}.sock")
+            try:
+                result = _boot_template(proc, img, work, ns, rootfs)
+                break
+            except _GuestStalled as exc:
+                print(f"\n[linux-snapshot] boot {attempt}: {exc}; booting again\n{proc.stdout[-1500:]}")
+            finally:
+                proc.close()
     finally:
-        proc.close()
         ns.delete()
+    if result is None:
+        pytest.fail(f"the template guest stalled in {BOOT_ATTEMPTS} boots (see docs/host-kvm.md)")
+    state, mem, last, console = result
     yield Template(work, state, mem, rootfs, last, console)
     shutil.rmtree(work, ignore_errors=True)
+
+
+class _GuestStalled(Exception):
+    """/init started but the guest printed nothing more for STALL_S seconds."""
+
+
+def _boot_template(proc, img: dict, work: Path, ns: TapNamespace, rootfs: Path):
+    """Configure (curl), boot, wait for the counter, pause, snapshot; (state, mem, last count, console)."""
+    api = proc.api
+    args = f"{img['boot_args']} ember.exit=shell {run_arg(GUEST_SCRIPT)}"
+    log = work / "vmm.log"
+    log.touch()
+    # Firecracker's getting-started flow, with curl exactly as its docs run it
+    # (logger, boot source, root drive, net1, InstanceStart), plus a vsock device.
+    for path, body in (
+        ("/logger", {"log_path": str(log), "level": "Debug", "show_level": True, "show_log_origin": True}),
+        ("/boot-source", {"kernel_image_path": img["kernel"], "boot_args": args}),
+        ("/drives/rootfs", {"drive_id": "rootfs", "path_on_host": str(rootfs), "is_root_device": True,
+                            "is_read_only": False}),
+        ("/network-interfaces/net1", {"iface_id": "net1", "guest_mac": GUEST_MAC, "host_dev_name": ns.tap}),
+        ("/vsock", {"guest_cid": 3, "uds_path": str(work / "v.sock")}),
+        ("/actions", {"action_type": "InstanceStart"}),
+    ):
+        resp = apiclient.curl(proc.sock, "PUT", path, json.dumps(body))
+        assert resp.status == 204, f"{path}: {resp}\n{proc.describe()}"
+    info = api.get("/").json()
+    assert info["state"] == "Running" and info["app_name"] == "Ember", info
+    assert api.get("/machine-config").json()["mem_size_mib"] == 128  # Firecracker's default
+    started = time.monotonic()
+    proc.wait_for_output("EMBER-INIT-OK", timeout=BOOT_TIMEOUT_S)
+    try:
+        proc.wait_for_output("COUNT=3", timeout=STALL_S)
+    except AssertionError as exc:
+        # A guest process asleep for good (an open kvm_pvm defect, docs/host-kvm.md): boot again.
+        raise _GuestStalled(f"no COUNT=3 within {STALL_S} s of /init") from exc
+    print(f"\n[linux-snapshot] template boot to COUNT=3: {time.monotonic() - started:.1f} s")
+    assert api.patch("/vm", {"state": "Paused"}).status == 204
+    state, mem = work / "tmpl.state", work / "tmpl.mem"
+    t0 = time.monotonic()
+    resp = api.put("/snapshot/create", {"snapshot_path": str(state), "mem_file_path": str(mem)})
+    assert resp.status == 204, f"{resp}\n{proc.describe()}"
+    print(f"[linux-snapshot] snapshot create: {(time.monotonic() - t0) * 1000:.0f} ms")
+    time.sleep(0.5)
+    console = proc.stdout
+    assert "MARKER-WRITTEN" in console and "SCRIPT-DONE" in console, console
+    assert any('"level"' in line for line in log.read_text().splitlines()), "the logger wrote nothing"
+    last = max(int(m) for m in COUNT_RE.findall(console))
+    return state, mem, last, console
 
 
 class Restored:
     """A VMM restored from the template in its own namespace, with its own TAP, vsock and rootfs."""
 
-    def __init__(self, tmpl: Template, name: str, backend: str, backend_path: Path):
+    def __init__(self, tmpl: Template, name: str, backend: str, backend_path: Path, **load_extra):
         self.dir = Path(tempfile.mkdtemp(prefix=f"ember-{name}-"))
         self.ns = TapNamespace.create(prefix="ember-lr-", tap=f"tap{name[:8]}")
         self.rootfs = self.dir / "rootfs.ext4"
@@ -191,7 +219,7 @@ class Restored:
                 "resume_vm": True,
                 "network_overrides": [{"iface_id": "net1", "host_dev_name": self.ns.tap}],
                 "vsock_override": {"uds_path": str(self.vsock)},
-                "drive_overrides": [{"drive_id": "rootfs", "path_on_host": str(self.rootfs)}]}
+                "drive_overrides": [{"drive_id": "rootfs", "path_on_host": str(self.rootfs)}], **load_extra}
         assert self.proc.api.get("/").status == 200  # the VMM is up and idle: time the load alone
         t0 = time.monotonic()
         resp = self.proc.api.put("/snapshot/load", body)
@@ -357,3 +385,74 @@ def test_restore_from_the_chunk_store_then_with_the_working_set_prefetched(templ
         prefetched.append(events[0].get("prefetched_bytes", 0))
         print(f"[linux-snapshot] chunk store {run}: {events[0]}")
     assert prefetched[0] == 0 and prefetched[1] > 0, prefetched
+
+
+def test_diff_snapshot_of_a_restored_clone_round_trips(template) -> None:
+    """Restore with dirty tracking, full snapshot, run on, diff snapshot, merge, restore the merge."""
+    from snapshot.memfile import merge_diff_snapshot
+
+    work = Path(tempfile.mkdtemp(prefix="ember-ld-"))
+    vm = Restored(template, "diffsrc", "File", template.mem, track_dirty_pages=True)
+    try:
+        resp = vm.proc.api.put("/snapshot/load", {"snapshot_path": str(template.state),
+                                                  "mem_file_path": str(template.mem)})
+        assert resp.status == 400  # a VMM loads one snapshot, before anything else
+        vm.wait_count_after(template.last_count + 1)
+        api = vm.proc.api
+        assert api.patch("/vm", {"state": "Paused"}).status == 204
+        base_state, base_mem = work / "base.state", work / "base.mem"
+        assert api.put("/snapshot/create", {"snapshot_path": str(base_state),
+                                            "mem_file_path": str(base_mem)}).status == 204
+        assert api.patch("/vm", {"state": "Resumed"}).status == 204
+        assert vm.shell("echo diff-data >/tmp/after-base;cat /tmp/after-base", "DIFF") == "diff-data"
+        assert api.patch("/vm", {"state": "Paused"}).status == 204
+        diff_state, diff_mem = work / "diff.state", work / "diff.mem"
+        resp = api.put("/snapshot/create", {"snapshot_path": str(diff_state), "mem_file_path": str(diff_mem),
+                                            "snapshot_type": "Diff"})
+        assert resp.status == 204, resp
+        time.sleep(0.3)
+        count_at_diff = max(int(m) for m in COUNT_RE.findall(vm.proc.stdout))
+    finally:
+        vm.close()
+    assert os.stat(diff_mem).st_blocks < os.stat(base_mem).st_blocks  # only the dirtied pages
+    merge_diff_snapshot(diff_state, base_mem, diff_mem)
+    restored_tmpl = Template(work, diff_state, base_mem, template.rootfs, count_at_diff, "")
+    again = Restored(restored_tmpl, "diffdst", "File", base_mem)
+    try:
+        again.wait_count_after(count_at_diff)
+        assert again.shell("cat /tmp/after-base", "AFTER") == "diff-data"  # written after the base snapshot
+        _no_kernel_complaints(again.proc.stdout)
+    finally:
+        again.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_bad_state_files_are_refused_and_a_dead_page_server_fails_the_vm(template) -> None:
+    work = Path(tempfile.mkdtemp(prefix="ember-lb-"))
+    try:
+        data = template.state.read_bytes()
+        bad = {"corrupt": data[:-8] + bytes(b ^ 0x55 for b in data[-8:]), "truncated": data[: len(data) // 3],
+               "newer": data[:8] + (7).to_bytes(2, "little") + data[10:]}
+        for name, content in bad.items():
+            (work / name).write_bytes(content)
+            proc = apiclient.VmmApiProcess(work, ("--id", name), sock_name=f"{name}.sock")
+            try:
+                resp = proc.api.put("/snapshot/load", {"snapshot_path": str(work / name), "mem_backend": {
+                    "backend_type": "File", "backend_path": str(template.mem)}, "resume_vm": True})
+                assert resp.status == 400 and "invalid snapshot file" in resp.fault, resp
+                assert proc.api.get("/").json()["state"] == "Not started"
+            finally:
+                proc.close()
+        server = PageServer(work / "ps.sock", "--mem", str(template.mem))
+        vm = Restored(template, "psdie", "Uffd", work / "ps.sock")
+        try:
+            vm.wait_count_after(template.last_count)
+            server.proc.kill()
+            server.proc.wait()
+            assert vm.proc.wait(timeout=120) != 0, vm.proc.describe()
+            assert "page server" in vm.proc.stderr, vm.proc.describe()
+        finally:
+            vm.close()
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
