@@ -309,8 +309,11 @@ class PoolService:
             kernel = images["kernel"]
             rootfs = rootfs if rootfs else images["rootfs"]
             boot_args = boot_args if boot_args else images["boot_args"] + self.config.default_boot_args_suffix
+        boot_args = boot_args or ""
+        if "ember.agent=" not in boot_args:
+            boot_args = f"{boot_args} ember.agent=1".strip()  # the default guest starts its agent on request
         return {"kernel": kernel, "rootfs": rootfs or None, "initrd": initrd or None,
-                "boot_args": boot_args or "", "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
+                "boot_args": boot_args, "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
 
     def create_template(self, spec: TemplateSpec, *, deadline: float | None,
                         cancelled: threading.Event) -> TemplateInfo:
