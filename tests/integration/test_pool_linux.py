@@ -99,6 +99,12 @@ def test_sandboxes_exec_are_isolated_and_distinct(linux_pool) -> None:
     for sb in (a, b):
         svc.stub.Release(pb2.ReleaseRequest(id=sb.id))
         assert wait_dead(pids[sb.id]), f"Release left {sb.id}'s VMM running"
-    with pytest.raises(grpc.RpcError) as exc:
-        svc.stub.Get(pb2.GetRequest(id=a.id))
-    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    deadline = time.monotonic() + 30
+    while True:  # destruction finishes in the background; meanwhile Get says RELEASING
+        try:
+            state = svc.stub.Get(pb2.GetRequest(id=a.id)).state
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            break
+        assert state == pb2.SANDBOX_STATE_RELEASING and time.monotonic() < deadline, state
+        time.sleep(0.1)
