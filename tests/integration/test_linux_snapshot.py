@@ -48,8 +48,8 @@ from tests.integration.netns import TapNamespace, missing_requirements
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT_S = 1200
-BOOT_ATTEMPTS = 2
-STALL_S = 240
+BOOT_ATTEMPTS = 3
+STALL_S = 180
 RESTORE_TIMEOUT_S = 300
 GUEST_ADDR = "10.200.0.2"
 GUEST_MAC = "06:00:0a:c8:00:02"
@@ -183,12 +183,13 @@ def _boot_template(proc, img: dict, work: Path, ns: TapNamespace, rootfs: Path):
     assert info["state"] == "Running" and info["app_name"] == "Ember", info
     assert api.get("/machine-config").json()["mem_size_mib"] == 128  # Firecracker's default
     started = time.monotonic()
-    proc.wait_for_output("EMBER-INIT-OK", timeout=BOOT_TIMEOUT_S)
     try:
+        proc.wait_for_output("EMBER-INIT-OK", timeout=BOOT_TIMEOUT_S)
         proc.wait_for_output("COUNT=3", timeout=STALL_S)
     except AssertionError as exc:
-        # A guest process asleep for good (an open kvm_pvm defect, docs/host-kvm.md): boot again.
-        raise _GuestStalled(f"no COUNT=3 within {STALL_S} s of /init") from exc
+        # The host's user-process crash (docs/host-kvm.md) killed the counter, or the
+        # console shell (whose exit reboots the guest), or a process slept for good: boot again.
+        raise _GuestStalled(f"no COUNT=3 within {STALL_S} s of /init, or the guest rebooted") from exc
     print(f"\n[linux-snapshot] template boot to COUNT=3: {time.monotonic() - started:.1f} s")
     assert api.patch("/vm", {"state": "Paused"}).status == 204
     state, mem = work / "tmpl.state", work / "tmpl.mem"
