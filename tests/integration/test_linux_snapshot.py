@@ -74,12 +74,15 @@ def _load(name: str, path: Path):
 
 apiclient = _load("ember_tests_apiclient", REPO_ROOT / "tests" / "conformance" / "apiclient.py")
 
-# Runs once, then /init's shell takes the console (ember.exit=shell). The guest
+# Runs once, then /init's shell takes the console (ember.exit=shell). The
+# counter waits with `read -t` on a FIFO nobody writes, a shell builtin: no
+# fork/exec every two seconds for this host's user-process crash to hit. The guest
 # calls its interface eth0; the VMM knows it by its API id, net1.
 GUEST_SCRIPT = f"""echo template-data >/root/marker;sync;echo MARKER-WRITTEN
 ip addr add {GUEST_ADDR}/24 dev eth0;ip link set eth0 up
 ember-vsock listen {VSOCK_PORT} >/dev/null 2>&1 &
-(i=0;while :;do echo COUNT=$i;i=$((i+1));sleep 2;done)&
+mkfifo /tmp/tick;exec 3<>/tmp/tick
+(i=0;while :;do echo COUNT=$i;i=$((i+1));read -t 2 x <&3;done)&
 echo SCRIPT-DONE
 """
 
