@@ -298,14 +298,14 @@ class PoolService:
     def _defaults(self, spec: TemplateSpec) -> dict[str, Any]:
         kernel, rootfs, initrd, boot_args = spec.kernel, spec.rootfs, spec.initrd, spec.boot_args
         if not kernel:
+            from guest.images import ImagesNotBuilt, show
             try:
-                from guest.images import ImagesNotBuilt, show
                 images = show()
-            except (ImportError, OSError, ValueError) as exc:
-                raise FailedPrecondition(f"no kernel given and no default guest images: {exc}") from exc
-            except Exception as exc:  # ImagesNotBuilt
+            except ImagesNotBuilt as exc:
                 raise FailedPrecondition(f"no kernel given and the default guest images are not built "
                                          f"(`ember images build`): {exc}") from exc
+            except (OSError, ValueError) as exc:
+                raise FailedPrecondition(f"no kernel given and no default guest images: {exc}") from exc
             kernel = images["kernel"]
             rootfs = rootfs if rootfs else images["rootfs"]
             boot_args = boot_args if boot_args else images["boot_args"] + self.config.default_boot_args_suffix

@@ -165,15 +165,7 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, shell=None, instance_i
         holder["vmm"].request_exit(ex)
 
     serial_input_box: list[SerialInput] = []
-    uart = Uart16550(vm.interrupt_line(COM1_IRQ), _console_writer(console.output_fd),
-                     on_rx_space=lambda: serial_input_box and serial_input_box[0].on_rx_space())
-    serial = SerialPioAdapter(uart)
-    pio_bus.insert(serial, COM1_BASE, COM1_PORTS)
-
-    i8042 = I8042PioAdapter(I8042(
-        reset=lambda: request_exit(VmExit(ExitKind.RESET, "guest reset through the i8042 (reboot)", -1)),
-        interrupt=vm.interrupt_line(I8042_IRQ)))
-    pio_bus.insert(i8042, I8042_BASE, I8042_PORTS)
+    serial, i8042 = _legacy_devices(vm, pio_bus, console, request_exit, serial_input_box)
 
     devices: dict[str, object] = {"serial": serial, "i8042": i8042}
     if boot_timer:
@@ -292,6 +284,33 @@ def _build(config: VmConfig, kvm: Kvm, cleanups: list, *, shell=None, instance_i
 
 
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+def _legacy_devices(vm: Vm, pio_bus: Bus, console: ConsoleIo, request_exit: Callable[[VmExit], None],
+                    serial_input_box: list, *, serial_state=None,
+                    i8042_state=None) -> tuple[SerialPioAdapter, I8042PioAdapter]:
+    """COM1 and the i8042 on the port bus: fresh, or from a snapshot's (untrusted) states."""
+    uart_irq, writer = vm.interrupt_line(COM1_IRQ), _console_writer(console.output_fd)
+
+    def on_rx_space() -> None:
+        if serial_input_box:
+            serial_input_box[0].on_rx_space()
+
+    def reset() -> None:
+        request_exit(VmExit(ExitKind.RESET, "guest reset through the i8042 (reboot)", -1))
+
+    if serial_state is None:
+        uart = Uart16550(uart_irq, writer, on_rx_space=on_rx_space)
+    else:
+        uart = Uart16550.from_state(serial_state, uart_irq, writer, on_rx_space=on_rx_space)
+    if i8042_state is None:
+        controller = I8042(reset=reset, interrupt=vm.interrupt_line(I8042_IRQ))
+    else:
+        controller = I8042.from_state(i8042_state, reset=reset, interrupt=vm.interrupt_line(I8042_IRQ))
+    serial, i8042 = SerialPioAdapter(uart), I8042PioAdapter(controller)
+    pio_bus.insert(serial, COM1_BASE, COM1_PORTS)
+    pio_bus.insert(i8042, I8042_BASE, I8042_PORTS)
+    return serial, i8042
 
 
 def _assemble(*, instance_id: str, kvm: Kvm, vm: Vm, vcpus: list[Vcpu], pio_bus: Bus, mmio_bus: Bus,
@@ -486,18 +505,10 @@ def _restore(state, backend, kvm: Kvm, cleanups: list, *, shell=None, instance_i
 
     serial_input_box: list[SerialInput] = []
     try:
-        uart = Uart16550.from_state(state.serial, vm.interrupt_line(COM1_IRQ), _console_writer(console.output_fd),
-                                    on_rx_space=lambda: serial_input_box and serial_input_box[0].on_rx_space())
-        i8042_dev = I8042.from_state(
-            state.i8042,
-            reset=lambda: request_exit(VmExit(ExitKind.RESET, "guest reset through the i8042 (reboot)", -1)),
-            interrupt=vm.interrupt_line(I8042_IRQ))
+        serial, i8042 = _legacy_devices(vm, pio_bus, console, request_exit, serial_input_box,
+                                        serial_state=state.serial, i8042_state=state.i8042)
     except (SerialStateInvalid, I8042StateInvalid) as exc:
         raise BuildError(f"invalid snapshot: {exc}") from exc
-    serial = SerialPioAdapter(uart)
-    pio_bus.insert(serial, COM1_BASE, COM1_PORTS)
-    i8042 = I8042PioAdapter(i8042_dev)
-    pio_bus.insert(i8042, I8042_BASE, I8042_PORTS)
     devices: dict[str, object] = {"serial": serial, "i8042": i8042}
 
     dm = MmioDeviceManager(vm, mmio_bus, mem)

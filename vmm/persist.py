@@ -154,8 +154,7 @@ def create_snapshot(vmm: Any, *, snapshot_path: str, mem_file_path: str, diff: b
         except OSError as exc:
             raise SnapshotCreateError(f"cannot read KVM's dirty log: {exc}") from exc
         vmm_bitmaps = mem.take_dirty_bitmaps()
-        bitmaps = [bytes(a | b for a, b in zip(k, v)) if len(k) == len(v) else _or_bitmaps(k, v)
-                   for k, v in zip(kvm_bitmaps, vmm_bitmaps)]
+        bitmaps = [_or_bitmaps(k, v) for k, v in zip(kvm_bitmaps, vmm_bitmaps)]
     try:
         if diff:
             assert bitmaps is not None
@@ -193,9 +192,9 @@ def create_snapshot(vmm: Any, *, snapshot_path: str, mem_file_path: str, diff: b
 
 
 def _or_bitmaps(a: bytes, b: bytes) -> bytes:
+    """Bitwise OR of two little-endian page bitmaps (as whole integers: no per-byte loop)."""
     n = max(len(a), len(b))
-    a, b = a.ljust(n, b"\0"), b.ljust(n, b"\0")
-    return bytes(x | y for x, y in zip(a, b))
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
 # --- load: the state file as untrusted input -------------------------------------------------
