@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 
@@ -36,6 +36,9 @@ from vmm.rate_limiter import RateLimiter, RateLimiterError
 from vmm.runtime import Vmm
 from vmm.vstate.vcpu import ExitKind, Vcpu, VmExit, install_kick_handler
 from vmm.vstate.vm import Vm, VmError, take_shell
+
+if TYPE_CHECKING:  # the restore path imports them lazily: a boot does not pay for the snapshot code
+    from vmm.persist import FileBackend, MicrovmState, UffdBackend
 
 log = structlog.get_logger("vmm.builder")
 
