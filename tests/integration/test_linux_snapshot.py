@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import pytest
 
 from guest.images import ImagesNotBuilt, run_arg, show
 from tests.integration.netns import TapNamespace, missing_requirements
+from tests.integration.page_server import PageServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT_S = 1200
@@ -300,26 +300,6 @@ def _check_restored(vm: Restored, tmpl: Template) -> None:
     assert vm.vsock_echo() == b"ping over vsock\n"
     assert vm.ping(), vm.proc.describe()
     _no_kernel_complaints(vm.proc.stdout)
-
-
-class PageServer:
-    def __init__(self, sock: Path, *source: str):
-        self.sock = sock
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "page-server", "--socket", str(sock),
-                                      *source], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.stderr.read().decode()
-            time.sleep(0.05)
-
-    def stop(self) -> list[dict]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        return [e for e in (json.loads(line) for line in out.decode().splitlines() if line.startswith("{"))
-                if e.get("event") == "vm-done"]
 
 
 def test_restore_from_the_memory_file(template) -> None:

@@ -14,7 +14,6 @@ Bad snapshot files are refused before any VM runs.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -42,6 +41,7 @@ def _load(name: str, path: Path):
 
 
 apiclient = _load("ember_tests_apiclient", REPO_ROOT / "tests" / "conformance" / "apiclient.py")
+from tests.integration.page_server import PageServer  # noqa: E402
 
 
 @pytest.fixture
@@ -64,38 +64,6 @@ def vmm(work):
         p.close()
 
 
-class PageServer:
-    """`ember page-server` in a subprocess, stdout collected (one JSON line per VM served)."""
-
-    def __init__(self, sock: Path, *source: str):
-        self.sock = sock
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "page-server", "--socket", str(sock),
-                                      *source], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"page server did not start: {self.proc.stderr.read().decode()}")
-            time.sleep(0.02)
-
-    def stop(self) -> tuple[str, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            out, err = self.proc.communicate()
-        return out.decode(), err.decode()
-
-    def events(self, out: str) -> list[dict]:
-        """The per-VM reports (`vm-done`), in order."""
-        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        return [e for e in events if e.get("event") == "vm-done"]
-
-
 def _snapshot(proc, work: Path, tag: str = "snap") -> tuple[Path, Path]:
     assert proc.api.patch("/vm", {"state": "Paused"}).status == 204
     state, mem = work / f"{tag}.state", work / f"{tag}.mem"
@@ -104,7 +72,7 @@ def _snapshot(proc, work: Path, tag: str = "snap") -> tuple[Path, Path]:
     return state, mem
 
 
-def _load(proc, state: Path, backend: str, path: Path, **extra) -> None:
+def _restore(proc, state: Path, backend: str, path: Path, **extra) -> None:
     body = {"snapshot_path": str(state), "mem_backend": {"backend_type": backend, "backend_path": str(path)},
             "resume_vm": True, **extra}
     resp = proc.api.put("/snapshot/load", body)
@@ -146,7 +114,7 @@ def _finish_echo(proc, lines_expected: int = 2) -> None:
 def test_echo_guest_restored_from_the_memory_file_continues(vmm, echo_snapshot) -> None:
     state, mem = echo_snapshot
     b = vmm("b.sock")
-    _load(b, state, "File", mem)
+    _restore(b, state, "File", mem)
     assert b.api.get("/").json()["state"] == "Running"
     assert b.api.get("/vm/config").json()["boot-source"]["boot_args"] == "mode=echo"
     _finish_echo(b)
@@ -166,7 +134,7 @@ def test_one_snapshot_restores_many_times_and_clones_run_side_by_side(vmm, echo_
     state, mem = echo_snapshot
     clones = [vmm(f"c{i}.sock") for i in range(3)]
     for c in clones:
-        _load(c, state, "File", mem)
+        _restore(c, state, "File", mem)
     for i, c in enumerate(clones):
         c.send_console(f"clone{i}\n".encode())
     for i, c in enumerate(clones):
@@ -181,12 +149,11 @@ def test_echo_guest_restored_through_the_page_server(vmm, work, echo_snapshot) -
     server = PageServer(work / "ps.sock", "--mem", str(mem))
     try:
         b = vmm("b.sock")
-        _load(b, state, "Uffd", work / "ps.sock")
+        _restore(b, state, "Uffd", work / "ps.sock")
         _finish_echo(b)
     finally:
-        out, err = server.stop()
-    events = server.events(out)
-    assert events and events[0]["faults"] > 0, (out, err)
+        events = server.stop()
+    assert events and events[0]["faults"] > 0, (server.stdout, server.stderr)
 
 
 def test_page_server_from_the_chunk_store_with_working_set_prefetch(vmm, work, echo_snapshot) -> None:
@@ -202,12 +169,11 @@ def test_page_server_from_the_chunk_store_with_working_set_prefetch(vmm, work, e
         server = PageServer(work / f"ps{run}.sock", "--snapshot", "echo", "--store", str(store))
         try:
             b = vmm(f"b{run}.sock")
-            _load(b, state, "Uffd", work / f"ps{run}.sock")
+            _restore(b, state, "Uffd", work / f"ps{run}.sock")
             _finish_echo(b)
         finally:
-            out, err = server.stop()
-        events = server.events(out)
-        assert events, (out, err)
+            events = server.stop()
+        assert events, (server.stdout, server.stderr)
         prefetched.append(events[0].get("prefetched_bytes", 0))
     assert prefetched[0] == 0 and prefetched[1] > 0, prefetched
 
@@ -216,7 +182,7 @@ def test_killing_the_page_server_fails_the_vm_cleanly(vmm, work, echo_snapshot) 
     state, mem = echo_snapshot
     server = PageServer(work / "ps.sock", "--mem", str(mem))
     b = vmm("b.sock")
-    _load(b, state, "Uffd", work / "ps.sock")
+    _restore(b, state, "Uffd", work / "ps.sock")
     b.send_console(b"after\n")
     b.wait_for_output("ECHO:after")
     os.killpg(server.proc.pid, signal.SIGKILL)
@@ -319,7 +285,7 @@ def test_snap_guest_continues_exactly_where_it_stopped(vmm, work, snap_snapshot,
     server = PageServer(work / "ps.sock", "--mem", str(mem)) if backend == "Uffd" else None
     try:
         b = vmm("b.sock")
-        _load(b, state, backend, work / "ps.sock" if server else mem)
+        _restore(b, state, backend, work / "ps.sock" if server else mem)
         _check_continues(b, last)
     finally:
         if server is not None:
@@ -330,7 +296,7 @@ def test_snap_guest_diff_snapshot_round_trips(vmm, work, testguest, snap_snapsho
     """Full snapshot, restore with dirty tracking, run, diff snapshot, merge onto the base, restore again."""
     state, mem, last = snap_snapshot
     b = vmm("b.sock")
-    _load(b, state, "File", mem, track_dirty_pages=True)
+    _restore(b, state, "File", mem, track_dirty_pages=True)
     last_round = _rounds(last)[-1][0]
     b.wait_for_output(f"SNAP round={last_round + 4} ", timeout=60)
     assert b.api.patch("/vm", {"state": "Paused"}).status == 204
@@ -354,5 +320,5 @@ def test_snap_guest_diff_snapshot_round_trips(vmm, work, testguest, snap_snapsho
     shutil.copyfile(full_mem, merged)
     merge_diff_snapshot(diff_state, merged, diff_mem)
     c = vmm("c.sock")
-    _load(c, diff_state, "File", merged)
+    _restore(c, diff_state, "File", merged)
     _check_continues(c, before_diff)
