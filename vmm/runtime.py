@@ -18,6 +18,7 @@ from typing import Callable
 
 import structlog
 
+from vmm import seccomp
 from vmm.kvm import Kvm
 from vmm.vstate.vcpu import ExitKind, Vcpu, VmExit
 from vmm.vstate.vm import Vm
@@ -125,6 +126,11 @@ class Vmm:
         stop = threading.Event()
 
         def sample() -> None:
+            try:
+                seccomp.enter_thread(seccomp.Role.VMM, "rip-profiler")
+            except seccomp.SeccompError as exc:  # never run unfiltered
+                log.error("the RIP profiler cannot install its seccomp filter", error=str(exc))
+                return
             while not stop.wait(interval_s):
                 for vcpu in list(self.vcpus):
                     vcpu.kick()

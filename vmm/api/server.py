@@ -57,6 +57,8 @@ from urllib.parse import urlsplit
 import h11
 import structlog
 
+from vmm import seccomp
+
 from .handler import Reply
 
 __all__ = [
@@ -168,11 +170,32 @@ class ApiServer:
         self._selector.register(self._wake_efd, selectors.EVENT_READ, "wake")
 
     def start(self) -> None:
-        """Bind if needed and serve on a new thread (``fc_api``)."""
+        """Bind if needed and serve on a new thread (``fc_api``), under the api seccomp filter.
+
+        Raises `ApiServerError` if the thread cannot install its filter (it then serves nothing).
+        """
         if self._listener is None:
             self.bind()
-        self._thread = threading.Thread(target=self.serve, name="fc_api", daemon=True)
+        entered: list[BaseException | None] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve_filtered, args=(entered, ready), name="fc_api",
+                                        daemon=True)
         self._thread.start()
+        ready.wait()
+        if entered[0] is not None:
+            self.stop()  # closes and removes the socket
+            raise ApiServerError(f"the API thread cannot install its seccomp filter: {entered[0]}")
+
+    def _serve_filtered(self, entered: list[BaseException | None], ready: threading.Event) -> None:
+        try:
+            seccomp.enter_thread(seccomp.Role.API, "fc_api")
+        except seccomp.SeccompError as exc:
+            entered.append(exc)
+            ready.set()
+            return
+        entered.append(None)
+        ready.set()
+        self.serve()
 
     def stop(self, *, unlink: bool = True, timeout: float = 5.0) -> None:
         """Stop serving, close every connection and (by default) remove the socket file."""

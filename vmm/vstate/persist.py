@@ -377,8 +377,19 @@ def msrs_to_save(kvm: Kvm) -> list[int]:
     KVM's supported CPUID: an MSR KVM lists but refuses to read, or to take
     back, is dropped (a host KVM, like kvm_pvm, may list MSRs its backend
     does not implement; saving would otherwise fail on every snapshot).
-    Call it once per VMM process, not per snapshot: it costs one VM creation.
+    Probed once per process (the answer depends only on the host's KVM), so
+    a VMM calls it before its seccomp filter, which has no KVM_CREATE_VM.
     """
+    global _probed_msrs
+    if _probed_msrs is None:
+        _probed_msrs = _msrs_to_save(kvm)
+    return list(_probed_msrs)
+
+
+_probed_msrs: list[int] | None = None
+
+
+def _msrs_to_save(kvm: Kvm) -> list[int]:
     candidates = msrs.snapshot_msr_indices(sorted(set(kvm.get_msr_index_list()) | set(_UNLISTED_MSRS)))
     vm = kvm.create_vm()
     try:

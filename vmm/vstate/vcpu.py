@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
+from vmm import seccomp
 from vmm.kvm import VcpuFd, exits
 from vmm.kvm import bindings as kb
 from vmm.kvm.fd import KvmError
@@ -173,6 +174,8 @@ class Vcpu:
 
     def _main(self) -> None:
         try:
+            # Before the first KVM_RUN: this thread runs with the vcpu seccomp filter.
+            seccomp.enter_thread(seccomp.Role.VCPU, f"fc_vcpu {self.id}")
             self._loop()
         except BaseException as exc:  # never let a vCPU thread die silently
             log.error("vcpu thread crashed", vcpu=self.id, error=repr(exc))
