@@ -6,11 +6,26 @@
     ember snapshot gc [--json]
     ember snapshot put ID --state FILE --mem FILE [--meta KEY=VALUE]... [--json]
     ember snapshot verify [--quick] [--json]
+    ember snapshot sign --state FILE --mem FILE [--key-file K]
+    ember snapshot verify --state FILE --mem FILE [--key-file K] [--json]
     ember page-server --socket PATH (--mem FILE | --snapshot ID) [--no-prefetch]
                       [--record-working-set] [--record-seconds N] [--once]
+                      [--key-file K [--signature FILE]]
 
 Every command takes ``--store DIR`` (default ``$EMBER_HOME/snapshots``).
 Errors are one line on stderr and exit status 1.
+
+Signatures (docs/snapshots.md). ``sign`` writes ``FILE.sig`` beside the
+state file: an HMAC-SHA256, under the snapshot key, over the state file's
+SHA-256 and a per-64-KiB-chunk digest of the memory file. ``verify
+--state`` checks such a pair completely. The key defaults to
+``$EMBER_HOME/snapshot.key`` (``sign`` creates it, mode 0600, on first
+use). ``put`` keeps a signature found beside the state file in the
+snapshot's meta. A page server given a key (``--key-file`` or
+``$EMBER_SNAPSHOT_KEY_FILE``) serves only signed memory and checks every
+chunk against the signature before installing it: the signature comes
+from ``--signature`` (with ``--mem``: required) or the store; a chunk that
+does not match ends that VM's service (and its VMM is killed).
 
 Page server primer. A VMM restoring a snapshot with a uffd memory backend
 (Firecracker's ``"backend_type": "Uffd"``) maps guest memory anonymous,
@@ -91,6 +106,24 @@ from snapshot import (
     prefetch_plan,
     receive_handshake,
 )
+from snapshot.auth import (
+    DEFAULT_SIGN_CHUNK_SIZE,
+    KEY_FILE_ENV,
+    SignatureMissing,
+    SnapshotAuthError,
+    SnapshotKey,
+    SnapshotSignature,
+    VerifiedSource,
+    ensure_key_file,
+    load_key_file,
+    read_signature,
+    sign_snapshot,
+    signature_path,
+    verify_signature,
+    write_signature,
+)
+from snapshot.format import read_bounded
+from snapshot.memfile import memory_digest_of_file, verify_memory_fd
 
 __all__ = [
     "SnapshotCliError",
@@ -99,6 +132,9 @@ __all__ = [
     "NotASocket",
     "BadOption",
     "default_store_dir",
+    "default_key_file",
+    "sign_files",
+    "verify_files",
     "snapshot_summary",
     "snapshot_details",
     "VmServiceReport",
@@ -149,7 +185,11 @@ class BadOption(SnapshotCliError):
 
 
 # Everything a command reports as one line instead of a traceback.
-_OPERATOR_ERRORS = (SnapshotCliError, ChunkStoreError, SnapshotFormatError, UffdError, OSError)
+_OPERATOR_ERRORS = (SnapshotCliError, ChunkStoreError, SnapshotFormatError, SnapshotAuthError, UffdError,
+                    OSError)
+#: Key in a stored snapshot's meta holding its signature file (hex).
+META_SIGNATURE = "signature"
+_MAX_STATE = 32 << 20
 
 
 def _fail(exc: BaseException) -> int:
@@ -164,6 +204,39 @@ def default_store_dir() -> Path:
     """``$EMBER_HOME/snapshots`` (EMBER_HOME defaults to ~/.cache/ember)."""
     from guest.images import ember_home
     return ember_home() / "snapshots"
+
+
+def default_key_file() -> Path:
+    """``$EMBER_HOME/snapshot.key``."""
+    from guest.images import ember_home
+    return ember_home() / "snapshot.key"
+
+
+def sign_files(key: SnapshotKey, state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str], *,
+               chunk_size: int = DEFAULT_SIGN_CHUNK_SIZE) -> SnapshotSignature:
+    """Sign a state file and its (full, or merged) memory file: writes ``<state>.sig``.
+
+    The memory is read as it is now: sign only files you trust (a snapshot
+    your own VMM just wrote); signing launders whatever they hold.
+    """
+    state = read_bounded(state_path, _MAX_STATE)
+    data = sign_snapshot(key, state, memory_digest_of_file(mem_path, chunk_size=chunk_size))
+    write_signature(signature_path(state_path), data)
+    return verify_signature(key, data)
+
+
+def verify_files(key: SnapshotKey, state_path: str | os.PathLike[str],
+                 mem_path: str | os.PathLike[str] | None) -> SnapshotSignature:
+    """Check ``<state>.sig``, the state file and (unless None) the memory file; `SnapshotAuthError` if not."""
+    signature = read_signature(key, signature_path(state_path))
+    signature.check_state(read_bounded(state_path, _MAX_STATE))
+    if mem_path is not None:
+        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            verify_memory_fd(fd, signature.memory)
+        finally:
+            os.close(fd)
+    return signature
 
 
 def _open_store(directory: str | os.PathLike[str] | None, *, create: bool = False) -> ChunkStore:
@@ -219,9 +292,12 @@ def snapshot_details(info: SnapshotInfo, working_set: list[tuple[int, int]] | No
     """Everything `show` reports: the summary, chunk counts, ratios, layout, working set."""
     stats = _put_stats(info)
     details = snapshot_summary(info)
+    meta = dict(info.meta)
+    if META_SIGNATURE in meta:  # tens of KiB of hex: say that it is there, not what it is
+        meta[META_SIGNATURE] = f"<{len(str(meta[META_SIGNATURE])) // 2} bytes>"
     details.update({
         "created_ns": info.created_ns,
-        "meta": info.meta,
+        "meta": meta,
         "chunk_size": info.chunk_size,
         "chunks": info.chunks,
         "zero_chunks": info.zero_chunks,
@@ -324,7 +400,10 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
 
 
 def _snapshot_put(args: argparse.Namespace) -> int:
-    meta = _parse_meta(args.meta or [])
+    meta: dict[str, Any] = _parse_meta(args.meta or [])
+    sig_path = signature_path(args.state)
+    if os.path.exists(sig_path):
+        meta[META_SIGNATURE] = read_bounded(sig_path, 16 << 20).hex()
     with _open_store(args.store, create=True) as store:
         stats = store.put_snapshot(args.id, args.state, args.mem, meta)
     if args.json:
@@ -339,7 +418,42 @@ def _snapshot_put(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_from(args: argparse.Namespace, *, create: bool = False) -> SnapshotKey:
+    path = args.key_file or os.environ.get(KEY_FILE_ENV) or str(default_key_file())
+    return ensure_key_file(path) if create else load_key_file(path)
+
+
+def _snapshot_sign(args: argparse.Namespace) -> int:
+    key = _key_from(args, create=True)
+    signature = sign_files(key, args.state, args.mem)
+    print(f"signed {args.state}: {signature_path(args.state)} (key {key.key_id.hex()}, "
+          f"{signature.memory.count} memory chunks)")
+    return 0
+
+
+def _verify_pair(args: argparse.Namespace) -> int:
+    if args.mem is None:
+        raise BadOption("verify --state needs --mem (the memory file to check)")
+    key = _key_from(args)
+    try:
+        signature = verify_files(key, args.state, args.mem)
+    except SnapshotAuthError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+        return _fail(exc)
+    if args.json:
+        print(json.dumps({"ok": True, "key_id": signature.key_id.hex(), "state_size": signature.state_size,
+                          "memory_size": signature.memory.size, "chunks": signature.memory.count}, indent=2))
+    else:
+        print(f"ok: {args.state} and {args.mem} match their signature (key {signature.key_id.hex()})")
+    return 0
+
+
 def _snapshot_verify(args: argparse.Namespace) -> int:
+    if args.state is not None:
+        return _verify_pair(args)
+    if args.mem is not None:
+        raise BadOption("--mem needs --state")
     with _open_store(args.store) as store:
         report = store.verify(check_contents=not args.quick)
     if args.json:
@@ -355,7 +469,7 @@ def _snapshot_verify(args: argparse.Namespace) -> int:
 
 _SNAPSHOT_COMMANDS = {
     "ls": _snapshot_ls, "show": _snapshot_show, "rm": _snapshot_rm,
-    "gc": _snapshot_gc, "put": _snapshot_put, "verify": _snapshot_verify,
+    "gc": _snapshot_gc, "put": _snapshot_put, "verify": _snapshot_verify, "sign": _snapshot_sign,
 }
 
 
@@ -814,6 +928,10 @@ def cmd_page_server(args: argparse.Namespace) -> int:
     store: ChunkStore | None = None
     memfile: MemoryFileSource | None = None
     try:
+        key_file = args.key_file or os.environ.get(KEY_FILE_ENV)
+        key = load_key_file(key_file) if key_file else None
+        if args.signature is not None and key is None:
+            raise BadOption("--signature needs --key-file (or $EMBER_SNAPSHOT_KEY_FILE)")
         if args.mem is not None:
             memfile = MemoryFileSource(args.mem)
             source: PageSource = memfile
@@ -822,6 +940,10 @@ def cmd_page_server(args: argparse.Namespace) -> int:
             store = _open_store(args.store)
             source = ChunkStoreSource(store.open(args.snapshot))
             name = f"snapshot {args.snapshot} in {store.root}"
+        if key is not None:
+            signature = _page_server_signature(key, args, store)
+            source = VerifiedSource(source, signature.memory)
+            name += f", signed (key {key.key_id.hex()})"
         service = PageService(
             args.socket, source, source_name=name, store=store,
             snapshot_id=args.snapshot if store is not None else None,
@@ -838,6 +960,28 @@ def cmd_page_server(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         service.close()
         _close_sources(memfile, store)
+
+
+def _page_server_signature(key: SnapshotKey, args: argparse.Namespace,
+                           store: ChunkStore | None) -> SnapshotSignature:
+    """The authenticated signature whose memory digest the page server checks every chunk against."""
+    if args.signature is not None:
+        signature = read_signature(key, args.signature)
+    elif store is not None:
+        raw = store.show(args.snapshot).meta.get(META_SIGNATURE)
+        if not isinstance(raw, str):
+            raise SignatureMissing(f"snapshot {args.snapshot} was stored without a signature")
+        try:
+            data = bytes.fromhex(raw)
+        except ValueError as exc:
+            raise SignatureMissing(f"snapshot {args.snapshot}: its stored signature is not hex") from exc
+        signature = verify_signature(key, data)
+    else:
+        raise SignatureMissing("a page server with a key needs --signature FILE (the state file's .sig)")
+    if store is not None:
+        # The stored state must be the signed one: the signature belongs to this snapshot.
+        signature.check_state(store.read_state_bytes(args.snapshot))
+    return signature
 
 
 def _close_sources(memfile: MemoryFileSource | None, store: ChunkStore | None) -> None:
@@ -874,9 +1018,17 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     put.add_argument("--mem", required=True, metavar="FILE", help="the full memory file")
     put.add_argument("--meta", action="append", metavar="KEY=VALUE", help="a label kept with the snapshot")
     put.add_argument("--json", action="store_true")
-    verify = snap_sub.add_parser("verify", help="check the catalog and every chunk")
+    verify = snap_sub.add_parser("verify", help="check the catalog and every chunk, or (--state) a signed snapshot")
     verify.add_argument("--quick", action="store_true", help="check chunk files exist, not their contents")
     verify.add_argument("--json", action="store_true")
+    verify.add_argument("--state", metavar="FILE", help="check this state file and FILE.sig instead of the store")
+    verify.add_argument("--mem", metavar="FILE", help="with --state: the memory file to check")
+    sign = snap_sub.add_parser("sign", help="sign a state file and its memory file (writes STATE.sig)")
+    sign.add_argument("--state", required=True, metavar="FILE", help="the VM state file")
+    sign.add_argument("--mem", required=True, metavar="FILE", help="the full (or merged) memory file")
+    for parser in (verify, sign):
+        parser.add_argument("--key-file", metavar="PATH",
+                            help="snapshot key (default: $EMBER_SNAPSHOT_KEY_FILE, else $EMBER_HOME/snapshot.key)")
     for parser in (ls, show, rm, gc, put, verify):
         _store_option(parser)
     snap.set_defaults(func=cmd_snapshot)
@@ -893,6 +1045,10 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     ps.add_argument("--record-seconds", type=float, metavar="N",
                     help="store the recorded working set N seconds after the VM connects")
     ps.add_argument("--once", action="store_true", help="exit after serving one VM")
+    ps.add_argument("--key-file", metavar="PATH",
+                    help="serve only signed memory, every chunk checked (default: $EMBER_SNAPSHOT_KEY_FILE)")
+    ps.add_argument("--signature", metavar="FILE",
+                    help="the snapshot's signature (STATE.sig); with --snapshot, default: the stored one")
     ps.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="S",
                     help=argparse.SUPPRESS)
     ps.set_defaults(func=cmd_page_server)

@@ -1,5 +1,7 @@
 """Ember snapshots: the storage half.
 
+* `auth` — snapshot signatures: an HMAC-SHA256 over the state file and a
+  per-chunk digest of the memory file, checked before anything is parsed;
 * `format` — the VM state file (magic, version, SHA-256, a canonical tagged
   encoding of plain data) and the memory file layout;
 * `memfile` — sparse full and diff memory files, merging a diff onto a base;
@@ -14,6 +16,25 @@ This package imports neither `vmm` nor `poolsvc`: the VMM calls it with
 plain data (trees, buffers, paths, addresses).
 """
 
+from .auth import (
+    KEY_SIZE,
+    KeyFileError,
+    MemoryDigest,
+    MemoryMismatch,
+    SignatureInvalid,
+    SignatureMissing,
+    SnapshotAuthError,
+    SnapshotKey,
+    SnapshotSignature,
+    StateMismatch,
+    VerifiedSource,
+    ensure_key_file,
+    load_key_file,
+    read_signature,
+    sign_snapshot,
+    signature_path,
+    verify_signature,
+)
 from .chunkstore import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_ZSTD_LEVEL,
@@ -100,6 +121,10 @@ from .uffd_server import (
 )
 
 __all__ = [
+    # auth
+    "KEY_SIZE", "SnapshotAuthError", "KeyFileError", "SignatureMissing", "SignatureInvalid", "StateMismatch",
+    "MemoryMismatch", "SnapshotKey", "MemoryDigest", "SnapshotSignature", "VerifiedSource",
+    "sign_snapshot", "verify_signature", "read_signature", "signature_path", "load_key_file", "ensure_key_file",
     # format
     "MAGIC", "FORMAT_VERSION", "HEADER_SIZE", "DEFAULT_MAX_STATE_SIZE",
     "SnapshotFormatError", "StateFileUnreadable", "StateFileTooLarge", "StateFileTruncated", "BadMagic",

@@ -23,13 +23,17 @@ the same merge is simply run again.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import DocumentedError
+from .auth import MemoryDigest, MemoryMismatch, SnapshotKey, SnapshotSignature, zero_chunk_digest
 from .format import MemoryFileLayout, fsync_dir
 
 __all__ = [
@@ -46,6 +50,11 @@ __all__ = [
     "is_zero",
     "PAGE_SIZE",
     "SCAN_BLOCK",
+    "SEAL_XATTR",
+    "memory_digest_of_file",
+    "verify_memory_fd",
+    "memory_file_sealed",
+    "seal_memory_file",
 ]
 
 # Bytes scanned per step when looking for zero pages: large enough that a
@@ -369,3 +378,143 @@ def merge_diff_snapshot(state_path: str | os.PathLike[str], base_path: str | os.
     from .format import read_state
     layout, bitmaps = diff_bitmaps_of(read_state(state_path))
     return merge_diff(base_path, diff_path, bitmaps, layout)
+
+
+# --- authentication: checking a memory file against its signature --------------
+
+#: Extended attribute a trusted verifier sets on a memory file it checked
+#: (see `seal_memory_file`). A ``user.`` attribute can only be set by a
+#: process allowed to write the file: on a root-owned file without write
+#: bits, only root.
+SEAL_XATTR = "user.ember.seal"
+
+
+def _data_chunks(fd: int, memory_size: int, chunk_size: int) -> list[int]:
+    """Indexes, ascending, of the chunks of the open file that hold data (not wholly in a hole)."""
+    indexes: list[int] = []
+    for start, end in data_extents(fd, 0, memory_size):
+        first = start // chunk_size
+        if indexes and indexes[-1] >= first:
+            first = indexes[-1] + 1
+        indexes.extend(range(first, (end - 1) // chunk_size + 1))
+    return indexes
+
+
+def _read_chunk(fd: int, start: int, length: int) -> bytes:
+    data = os.pread(fd, length, start)
+    if len(data) != length:
+        raise MemoryMismatch(f"short read at {start:#x}: the file shrank")
+    return data
+
+
+def memory_digest_of_file(path: str | os.PathLike[str], *, chunk_size: int) -> MemoryDigest:
+    """The memory digest of the file at `path` (what `ember snapshot sign` signs).
+
+    Chunks wholly in holes are zeros: they get the cached zero digest
+    without a read, so a sparse file costs what its data costs.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MemoryFileUnusable(exc.strerror or str(exc), path=path) from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise MemoryFileUnusable("empty", path=path)
+        count = -(-size // chunk_size)
+        table = bytearray(zero_chunk_digest(chunk_size) * count)
+        last = count - 1
+        table[last * 32:] = zero_chunk_digest(size - last * chunk_size)
+        for index in _data_chunks(fd, size, chunk_size):
+            start = index * chunk_size
+            table[index * 32:(index + 1) * 32] = hashlib.sha256(
+                _read_chunk(fd, start, min(chunk_size, size - start))).digest()
+    finally:
+        os.close(fd)
+    return MemoryDigest(size, chunk_size, bytes(table))
+
+
+def verify_memory_fd(fd: int, memory: MemoryDigest) -> None:
+    """Raise `auth.MemoryMismatch` unless the open file holds exactly the signed memory.
+
+    Chunks holding data are read and hashed; runs of chunks wholly in holes
+    are checked at once (their signed digests must all be the zero digest),
+    without reading. The caller maps the same fd afterwards, so the checked
+    file is the mapped one; that it does not change afterwards is the
+    caller's business (a sealed file, or one only trusted processes write).
+    """
+    size = os.fstat(fd).st_size
+    if size != memory.size:
+        raise MemoryMismatch(f"{size} bytes, the signature says {memory.size}")
+    cs, count, table = memory.chunk_size, memory.count, memory.chunks
+    zero = zero_chunk_digest(cs)
+
+    def holes(first: int, end: int) -> None:
+        """Chunks first..end-1 lie in holes: their digests must be the zero digest."""
+        full_end = min(end, size // cs)  # the last chunk may be short: checked on its own
+        if first < full_end and table[first * 32:full_end * 32] != zero * (full_end - first):
+            bad = next(i for i in range(first, full_end) if memory.digest(i) != zero)
+            raise MemoryMismatch(f"chunk {bad} at offset {bad * cs:#x}")
+        for index in range(max(first, full_end), end):
+            memory.check_chunk(index, None)
+
+    previous = 0
+    for index in _data_chunks(fd, size, cs):
+        holes(previous, index)
+        start = index * cs
+        memory.check_chunk(index, _read_chunk(fd, start, min(cs, size - start)))
+        previous = index + 1
+    holes(previous, count)
+
+
+def memory_file_sealed(fd: int, key: SnapshotKey, signature: SnapshotSignature) -> bool:
+    """Whether the open file is sealed for `signature`: a trusted verifier checked it, and
+    nobody but root can have changed it since.
+
+    True only if the file is owned by root, has no write permission bits at
+    all, is a regular file of the signed size, and carries `SEAL_XATTR` equal
+    to ``key.seal(signature)`` (which binds the seal to this very signature:
+    a sealed file of another snapshot does not pass).
+    """
+    st = os.fstat(fd)
+    if (not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o222
+            or st.st_size != signature.memory.size):
+        return False
+    try:
+        value = os.getxattr(fd, SEAL_XATTR)
+    except OSError:
+        return False  # no seal, or a file system without user xattrs
+    return hmac.compare_digest(value, key.seal(signature))
+
+
+def seal_memory_file(path: str | os.PathLike[str], key: SnapshotKey, signature: SnapshotSignature) -> bool:
+    """Make the memory file at `path` read-only and root-owned, verify it fully, and seal it.
+
+    The order matters: permissions are dropped first, then the contents are
+    checked, then the seal is written, so no unprivileged writer can slip a
+    change in between (a writer that opened the file earlier must be gone:
+    the caller kills the VMM that wrote it first). Returns False, leaving
+    the file verified but unsealed, when the seal cannot be made (not root,
+    or no user xattrs): VMMs then verify it on every load.
+    Raises `auth.MemoryMismatch` if the contents do not match.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o222)
+        sealable = True
+        if st.st_uid != 0:
+            try:
+                os.fchown(fd, 0, 0)
+            except PermissionError:
+                sealable = False
+        verify_memory_fd(fd, signature.memory)
+        if not sealable:
+            return False
+        try:
+            os.setxattr(fd, SEAL_XATTR, key.seal(signature))
+        except OSError:
+            return False
+        return True
+    finally:
+        os.close(fd)

@@ -39,13 +39,32 @@ from typing import Any, Callable
 
 import structlog
 
+from snapshot.auth import (
+    SnapshotAuthError,
+    SnapshotKey,
+    SnapshotSignature,
+    memory_digest_of_buffers,
+    read_signature,
+    sign_snapshot,
+    signature_path,
+    write_signature,
+)
 from snapshot.format import (
     MemoryFileLayout,
     SnapshotFormatError,
+    decode_state,
+    read_bounded,
     read_state,
     write_state,
 )
-from snapshot.memfile import MemoryFileError, MemoryFileStats, write_diff_memory_file, write_memory_file
+from snapshot.memfile import (
+    MemoryFileError,
+    MemoryFileStats,
+    memory_file_sealed,
+    verify_memory_fd,
+    write_diff_memory_file,
+    write_memory_file,
+)
 from snapshot.uffd import UffdMapping
 from snapshot.uffd_server import UffdError, Userfaultfd, send_handshake
 from vmm import __version__
@@ -102,6 +121,7 @@ class CreateResult:
     state_bytes: int
     memory: MemoryFileStats
     duration_us: int
+    signed: bool = False
 
 
 def _device_kind(device: object) -> str:
@@ -115,11 +135,15 @@ def _device_kind(device: object) -> str:
 
 
 def create_snapshot(vmm: Any, *, snapshot_path: str, mem_file_path: str, diff: bool,
-                    config: VmConfig, msr_indices: list[int]) -> CreateResult:
+                    config: VmConfig, msr_indices: list[int], key: SnapshotKey | None = None) -> CreateResult:
     """Write the state of the paused `vmm` to `snapshot_path` and its memory to `mem_file_path`.
 
     Must run on the VMM's event loop thread (devices are driven there, so
-    none runs while their state is taken) with every vCPU paused.
+    none runs while their state is taken) with every vCPU paused. With a
+    `key`, the snapshot is signed: ``<snapshot_path>.sig`` holds a MAC over
+    the state file and a digest of the *whole* guest memory (for a diff
+    snapshot too: the memory file it loads with is the merged one). Without
+    one, a stale signature beside `snapshot_path` is removed.
     """
     from vmm.vstate.persist import save_vcpu  # runs on each vCPU's thread
 
@@ -184,11 +208,38 @@ def create_snapshot(vmm: Any, *, snapshot_path: str, mem_file_path: str, diff: b
     try:
         data = write_state(snapshot_path, tree)
     except (SnapshotFormatError, OSError) as exc:
+        # A memory file without its state file is no snapshot: do not leave it (a full disk
+        # would stay full; bench/chaos.py).
+        try:
+            os.unlink(mem_file_path)
+        except OSError:
+            pass
         raise SnapshotCreateError(f"cannot write the snapshot file {snapshot_path}: {exc}") from exc
+    sign_us = _sign(snapshot_path, buffers, key)
     duration_us = (time.monotonic_ns() - started) // 1000
     log.info("snapshot created", path=snapshot_path, mem_file=mem_file_path, kind=memory_tree["kind"],
-             state_bytes=len(data), mem_data_bytes=stats.data_bytes, took_us=duration_us)
-    return CreateResult(len(data), stats, duration_us)
+             state_bytes=len(data), mem_data_bytes=stats.data_bytes, took_us=duration_us,
+             signed=key is not None, sign_us=sign_us)
+    return CreateResult(len(data), stats, duration_us, signed=key is not None)
+
+
+def _sign(snapshot_path: str, buffers: list, key: SnapshotKey | None) -> int:
+    """Write (with `key`) or remove (without) the signature beside `snapshot_path`; µs spent."""
+    started = time.monotonic_ns()
+    sig_path = signature_path(snapshot_path)
+    try:
+        if key is None:
+            try:
+                os.unlink(sig_path)
+            except FileNotFoundError:
+                pass
+            return 0
+        # The state is read back rather than kept: what is signed is what the file holds.
+        state = read_bounded(snapshot_path, MAX_STATE_FILE_SIZE)
+        write_signature(sig_path, sign_snapshot(key, state, memory_digest_of_buffers(buffers)))
+    except (SnapshotFormatError, SnapshotAuthError, OSError) as exc:
+        raise SnapshotCreateError(f"cannot sign the snapshot {snapshot_path}: {exc}") from exc
+    return (time.monotonic_ns() - started) // 1000
 
 
 def _or_bitmaps(a: bytes, b: bytes) -> bytes:
@@ -228,18 +279,47 @@ class MicrovmState:
     i8042: I8042State
     virtio: tuple[VirtioEntry, ...]
     vmgenid: VmGenIdState | None
+    #: The authenticated signature the state was checked against (None: read without a key).
+    signature: SnapshotSignature | None = None
 
     @classmethod
-    def read(cls, path: str) -> "MicrovmState":
-        """Read and validate `path`; `SnapshotLoadError` (with the reason) for anything wrong."""
+    def read(cls, path: str, *, key: SnapshotKey | None = None) -> "MicrovmState":
+        """Read and validate `path`; `SnapshotLoadError` (with the reason) for anything wrong.
+
+        With a `key`, ``<path>.sig`` must exist and authenticate, and the
+        state bytes must be the signed ones — all checked before the state
+        is decoded. Without one the state loads as in Firecracker (unsigned;
+        a signature beside it is not looked at).
+        """
+        if key is None:
+            try:
+                tree = read_state(path, max_size=MAX_STATE_FILE_SIZE)
+            except SnapshotFormatError as exc:
+                raise SnapshotLoadError(f"invalid snapshot file {path}: {exc}") from exc
+            signature = None
+        else:
+            try:
+                signature = read_signature(key, signature_path(path))
+                data = read_bounded(path, MAX_STATE_FILE_SIZE)
+                signature.check_state(data)
+            except SnapshotAuthError as exc:
+                raise SnapshotLoadError(f"snapshot {path} is not authentic: {exc}") from exc
+            except SnapshotFormatError as exc:
+                raise SnapshotLoadError(f"invalid snapshot file {path}: {exc}") from exc
+            try:
+                tree = decode_state(data, max_size=MAX_STATE_FILE_SIZE)
+            except SnapshotFormatError as exc:
+                raise SnapshotLoadError(f"invalid snapshot file {path}: {exc}") from exc
         try:
-            tree = read_state(path, max_size=MAX_STATE_FILE_SIZE)
-        except SnapshotFormatError as exc:
-            raise SnapshotLoadError(f"invalid snapshot file {path}: {exc}") from exc
-        try:
-            return cls.from_tree(tree)
+            state = cls.from_tree(tree)
         except (StateTreeError, VstatePersistError, SnapshotFormatError, ConfigError, ValueError) as exc:
             raise SnapshotLoadError(f"invalid snapshot file {path}: {exc}") from exc
+        if signature is not None:
+            if signature.memory.size != state.layout.file_size:
+                raise SnapshotLoadError(f"snapshot {path} is not authentic: the signed memory has "
+                                        f"{signature.memory.size} bytes, the layout {state.layout.file_size}")
+            state = replace(state, signature=signature)
+        return state
 
     @classmethod
     def from_tree(cls, tree: Any) -> "MicrovmState":
@@ -272,7 +352,7 @@ class MicrovmState:
         for i, raw in enumerate(raw_virtio):
             e = _obj(raw, f"devices.virtio[{i}]", {"name", "slot", "kind", "transport", "device"})
             kind = e["kind"]
-            if kind not in _VIRTIO_KINDS:
+            if not isinstance(kind, str) or kind not in _VIRTIO_KINDS:  # a dict or list is unhashable
                 raise StateTreeError(f"devices.virtio[{i}].kind: unknown device kind {kind!r}")
             if e["slot"] != i:
                 raise StateTreeError(f"devices.virtio[{i}].slot: devices must fill slots in order")
@@ -365,30 +445,73 @@ def _bool(value: Any, path: str) -> bool:
 
 
 class FileBackend:
-    """The memory file mapped MAP_PRIVATE: clones share its page-cache pages until they write."""
+    """The memory file mapped MAP_PRIVATE: clones share its page-cache pages until they write.
 
-    def __init__(self, path: str):
+    With a `key` and the state's authenticated `signature`, the file is
+    checked before it is mapped: a file sealed for this signature by a
+    trusted verifier (`snapshot.memfile.memory_file_sealed`: root-owned, no
+    write bits, seal xattr) costs an fstat and a getxattr; any other file is
+    hashed chunk by chunk (holes without reading). The file is opened once:
+    what is checked is the inode that is mapped, whatever the path points
+    to meanwhile. `verification` says which check ran ("sealed", "hashed"
+    or "none").
+    """
+
+    def __init__(self, path: str, *, key: SnapshotKey | None = None,
+                 signature: SnapshotSignature | None = None):
+        if (key is None) != (signature is None):
+            raise ValueError("FileBackend: key and signature go together")
         self.path = path
+        self.key = key
+        self.signature = signature
+        self.verification = "none"
+        self.verify_us = 0
 
     def open(self, layout: MemoryFileLayout) -> GuestMemory:
-        try:
-            size = os.stat(self.path).st_size
-        except OSError as exc:
-            raise SnapshotLoadError(f"cannot open the memory file {self.path}: {exc.strerror}") from exc
-        if size != layout.file_size:
-            raise SnapshotLoadError(f"the memory file {self.path} has {size} bytes, the snapshot "
-                                    f"needs {layout.file_size}")
         offsets = [r.file_offset for r in layout.regions]
         if offsets != sorted(offsets) or any(
                 a.file_end != b.file_offset for a, b in zip(layout.regions, layout.regions[1:])) or offsets[0]:
             raise SnapshotLoadError("the memory file layout is not contiguous")
         try:
-            return GuestMemory.from_file(self.path, [(r.guest_addr, r.size) for r in layout.regions])
-        except (GuestMemoryError, OSError, ValueError) as exc:
-            raise SnapshotLoadError(f"cannot map the memory file {self.path}: {exc}") from exc
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SnapshotLoadError(f"cannot open the memory file {self.path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size != layout.file_size:
+                raise SnapshotLoadError(f"the memory file {self.path} has {size} bytes, the snapshot "
+                                        f"needs {layout.file_size}")
+            if self.key is not None and self.signature is not None:
+                self._verify(fd)
+            try:
+                # Mapped from the fd just checked: this very inode, not whatever the path names now
+                # (and no /proc needed: a jailed VMM has none).
+                mem = GuestMemory.from_fd(fd, [(r.guest_addr, r.size) for r in layout.regions], path=self.path)
+            except (GuestMemoryError, OSError, ValueError) as exc:
+                raise SnapshotLoadError(f"cannot map the memory file {self.path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        for region in mem.regions:
+            region.file_path = self.path
+        return mem
+
+    def _verify(self, fd: int) -> None:
+        assert self.key is not None and self.signature is not None
+        started = time.monotonic_ns()
+        try:
+            if memory_file_sealed(fd, self.key, self.signature):
+                self.verification = "sealed"
+            else:
+                verify_memory_fd(fd, self.signature.memory)
+                self.verification = "hashed"
+        except SnapshotAuthError as exc:
+            raise SnapshotLoadError(f"the memory file {self.path} is not authentic: {exc}") from exc
+        except OSError as exc:
+            raise SnapshotLoadError(f"cannot read the memory file {self.path}: {exc.strerror}") from exc
+        self.verify_us = (time.monotonic_ns() - started) // 1000
 
     def __repr__(self) -> str:
-        return f"<FileBackend {self.path}>"
+        return f"<FileBackend {self.path} verification={self.verification}>"
 
 
 class UffdBackend:

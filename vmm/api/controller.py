@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -79,6 +80,9 @@ from vmm.metrics import Metrics, MetricsError, count_bus_device
 from vmm.mmds import DataStoreLimitExceeded, MmdsError, MmdsMetrics, MmdsNetworkStack, MmdsStore
 from vmm.rate_limiter import RateLimiter, RateLimiterError
 from vmm.runtime import Vmm
+
+if TYPE_CHECKING:  # the snapshot package is imported only when a snapshot is used
+    from snapshot.auth import SnapshotKey
 
 from .actions import (
     ApiError,
@@ -263,8 +267,11 @@ class VmmController:
     def __init__(self, *, boot: Callable[[VmConfig], Vmm], restore: Callable[..., Vmm] | None = None,
                  instance_id: str = "anonymous-instance",
                  metrics: Metrics | None = None, mmds: MmdsStore | None = None, logger: Logger = LOGGER,
-                 vmm_version: str = __version__, clock: Callable[[], float] = time.monotonic) -> None:
+                 vmm_version: str = __version__, clock: Callable[[], float] = time.monotonic,
+                 snapshot_key: SnapshotKey | None = None) -> None:
         self.instance_id = instance_id
+        # With a key, snapshots are signed on create and must be authentic on load (docs/snapshots.md).
+        self.snapshot_key = snapshot_key
         self.vmm_version = vmm_version
         self.resources = VmResources()
         self.metrics = metrics if metrics is not None else Metrics(instance_id)
@@ -475,15 +482,20 @@ class VmmController:
         except ConfigError as exc:
             return ApiError(f"Load snapshot error: {exc.fault_message}")
         started = self._clock()
+        key = self.snapshot_key
         try:
-            state = MicrovmState.read(params.snapshot_path).with_overrides(
+            state = MicrovmState.read(params.snapshot_path, key=key).with_overrides(
                 network={o.iface_id: o.host_dev_name for o in params.network_overrides},
                 drives={o.drive_id: o.path_on_host for o in params.drive_overrides},
                 vsock_uds_path=params.vsock_override.uds_path if params.vsock_override is not None else None)
         except SnapshotLoadError as exc:
             return ApiError(f"Load snapshot error: {exc}")
         path = params.mem_backend.backend_path
-        backend = FileBackend(path) if params.mem_backend.backend_type is MemBackendType.FILE else UffdBackend(path)
+        backend: FileBackend | UffdBackend
+        if params.mem_backend.backend_type is MemBackendType.FILE:
+            backend = FileBackend(path, key=key, signature=state.signature if key is not None else None)
+        else:
+            backend = UffdBackend(path)  # the page server checks each chunk against the signature
         try:
             vmm = self._restore(state, backend, track_dirty_pages=params.track_dirty_pages,
                                 resume_vm=params.resume_vm, clock_realtime=params.clock_realtime)
@@ -505,7 +517,8 @@ class VmmController:
         elapsed_us = int((self._clock() - started) * 1_000_000)
         self.metrics.gauge("latencies_us", "load_snapshot").set(elapsed_us)
         log.info("snapshot loaded", path=params.snapshot_path, backend=repr(backend), took_us=elapsed_us,
-                 resumed=params.resume_vm)
+                 resumed=params.resume_vm, signed=key is not None,
+                 memory_verify_us=getattr(backend, "verify_us", 0))
         return ApiOk()
 
     def _create_snapshot(self, params: SnapshotCreateParams) -> ApiResult:
@@ -525,7 +538,7 @@ class VmmController:
         try:
             result = create_snapshot(vmm, snapshot_path=params.snapshot_path, mem_file_path=params.mem_file_path,
                                      diff=params.snapshot_type is SnapshotType.DIFF, config=self.resources.vm_config(),
-                                     msr_indices=self._msr_indices(vmm, msrs_to_save))
+                                     msr_indices=self._msr_indices(vmm, msrs_to_save), key=self.snapshot_key)
         except SnapshotCreateError as exc:
             return ApiError(f"Create snapshot error: {exc}")
         self.metrics.gauge("latencies_us", "full_create_snapshot" if params.snapshot_type is SnapshotType.FULL

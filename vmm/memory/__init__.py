@@ -126,22 +126,33 @@ class GuestMemory:
         With shared=False the mapping is MAP_PRIVATE: pages come from the page
         cache and are copied on the guest's first write (copy-on-write clones).
         """
-        total = sum(size for _, size in ranges)
         fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
         try:
-            if os.fstat(fd).st_size < total:
-                raise GuestMemoryError(f"memory file {path} is smaller than guest memory ({total} bytes)")
-            regions = []
-            offset = 0
-            for gpa, size in ranges:
-                flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-                # SAFETY: the file is at least offset+size long (checked above);
-                # the mapping outlives the fd and is owned by the region.
-                m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-                regions.append(GuestRegion(gpa, size, m, file_path=path, file_offset=offset, shared=shared))
-                offset += size
+            return cls.from_fd(fd, ranges, shared=shared, path=path)
         finally:
             os.close(fd)
+
+    @classmethod
+    def from_fd(cls, fd: int, ranges: list[tuple[int, int]], *, shared: bool = False,
+                path: str | None = None) -> "GuestMemory":
+        """`from_file` on a file the caller has open (and checked): the very inode, no path lookup.
+
+        `fd` stays the caller's (the mappings do not need it open); `path`
+        names the file in errors and in each region's `file_path`.
+        """
+        total = sum(size for _, size in ranges)
+        name = path if path is not None else f"fd {fd}"
+        if os.fstat(fd).st_size < total:
+            raise GuestMemoryError(f"memory file {name} is smaller than guest memory ({total} bytes)")
+        regions = []
+        offset = 0
+        for gpa, size in ranges:
+            flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+            # SAFETY: the file is at least offset+size long (checked above);
+            # the mapping outlives the fd and is owned by the region.
+            m = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            regions.append(GuestRegion(gpa, size, m, file_path=name, file_offset=offset, shared=shared))
+            offset += size
         return cls(regions)
 
     def close(self) -> None:
