@@ -1,0 +1,5 @@
+"""``python -m jailer``: the `ember-jailer` command."""
+
+from jailer.cli import run
+
+run()
