@@ -234,6 +234,9 @@ class LoadConfig:
     sample_interval: float = 1.0
     sample_max: int = 8
     bucket: float = 1.0
+    #: TLS: the CA of the service's certificate (None: plaintext); a bearer token for every call.
+    tls_ca: str | None = None
+    token: str | None = None
 
     def __post_init__(self) -> None:
         if self.duration <= 0 or self.clients <= 0 or self.warmup < 0 or self.hold < 0:
@@ -282,6 +285,7 @@ class _Clients:
         import grpc
 
         from poolsvc import proto
+        from poolsvc.auth import client_channel
 
         self.cfg = cfg
         self.ping = ping
@@ -290,7 +294,8 @@ class _Clients:
         # one connection between channels to the same target.
         options = [("grpc.use_local_subchannel_pool", 1)] if cfg.channel == "per-client" else []
         n = cfg.clients if cfg.channel == "per-client" else 1
-        self.channels = [grpc.insecure_channel(cfg.addr, options=options) for _ in range(n)]
+        self.channels = [client_channel(cfg.addr, tls_ca=cfg.tls_ca, token=cfg.token, options=options)
+                         for _ in range(n)]
         for ch in self.channels:
             try:
                 grpc.channel_ready_future(ch).result(timeout=cfg.rpc_timeout)
@@ -409,10 +414,30 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def _pid_file_pids(root: str) -> set[int]:
+    """Pids named by the pool launcher's pid files, ``<root>/<vm id>/vmm.pid``."""
+    pids = set()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return pids
+    for vm_dir in names:
+        doc = _read(os.path.join(root, vm_dir, "vmm.pid"))
+        try:
+            pid = json.loads(doc)["pid"] if doc else None
+        except (ValueError, KeyError, TypeError):
+            pid = None
+        if isinstance(pid, int) and pid > 0:
+            pids.add(pid)
+    return pids
+
+
 def find_vmms(root: str | Path | None = None, proc: str = "/proc") -> list[int]:
     """Pids of ember-vmm processes (comm ``ember-vmm``, or ``vmm.main`` in the command line); with
-    `root`, only those whose working directory (or command line) is under it."""
+    `root`, only those whose working directory (or command line) is under it, or that a pid
+    file under it names (a jailed VMM's working directory is its chroot's ``/``)."""
     want = os.path.realpath(root) if root is not None else None
+    listed = _pid_file_pids(want) if want is not None else set()
     pids = []
     for name in os.listdir(proc):
         if not name.isdigit():
@@ -429,7 +454,8 @@ def find_vmms(root: str | Path | None = None, proc: str = "/proc") -> list[int]:
                 cwd = os.readlink(f"{proc}/{name}/cwd")
             except OSError:
                 cwd = ""
-            if not (cwd == want or cwd.startswith(want + "/")) and want.encode() not in cmdline:
+            if not (cwd == want or cwd.startswith(want + "/")) and want.encode() not in cmdline \
+                    and int(name) not in listed:
                 continue
         pids.append(int(name))
     return pids
@@ -768,6 +794,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-max", type=int, default=8, help="most VMMs whose smaps one sample reads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report and a PNG plot here")
+    p.add_argument("--tls-ca", default=None, help="speak TLS; the CA of the service's certificate "
+                                                  "(default: $EMBER_TLS_CA; none: plaintext)")
+    p.add_argument("--token", default=None, help="bearer token (default: $EMBER_TOKEN)")
 
 
 def main_args(args: argparse.Namespace) -> int:
@@ -778,7 +807,9 @@ def main_args(args: argparse.Namespace) -> int:
                          clients=args.clients, rate=args.rate, warmup=args.warmup, hold=args.hold,
                          channel=args.channel, root=args.root, ping=args.ping, lease_ttl=args.lease_ttl,
                          ready_timeout=args.ready_timeout, sample_interval=args.sample_interval,
-                         sample_max=args.sample_max, bucket=1.0 if args.duration >= 10 else 0.5)
+                         sample_max=args.sample_max, bucket=1.0 if args.duration >= 10 else 0.5,
+                         tls_ca=args.tls_ca or os.environ.get("EMBER_TLS_CA") or None,
+                         token=args.token or os.environ.get("EMBER_TOKEN") or None)
         r, launches = run(cfg, log=lambda s: print(f"ember load: {s}", file=sys.stderr, flush=True))
     except LoadError as exc:
         print(f"ember: {exc}", file=sys.stderr)

@@ -13,6 +13,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping
 
+#: The tenant that owns everything when the service has no tenants file (and
+#: the templates kept directly under ``$EMBER_HOME/templates``).
+DEFAULT_TENANT = "default"
+
 
 class SandboxState(enum.Enum):
     """Where a sandbox is in its life (proto ``SandboxState``)."""
@@ -47,6 +51,8 @@ class SandboxInfo:
     #: UNIX seconds; None when not leased.
     lease_deadline: float | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: The tenant that owns it ("": not said).
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class TemplateInfo:
     rootfs: str = ""
     initrd: str = ""
     boot_args: str = ""
+    #: The tenant that owns it ("": not said).
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,32 @@ class PoolStatusInfo:
     restoring: int = 0
     launches_total: int = 0
     failures_total: int = 0
+    #: The tenant that owns the template ("": not said).
+    tenant: str = ""
+    #: Restores per second over the last minute (the runtime's meter; 0 from the pure machine).
+    launch_rate: float = 0.0
+    #: Guest memory committed to the pool's sandboxes (warm, leased, restoring), MiB.
+    mem_mib: int = 0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one tenant may hold at once; None: no limit of its own (the host's still applies).
+
+    `max_sandboxes`: sandboxes leased (or being acquired); `max_templates`:
+    templates; `max_mem_mib`: guest memory of all its microVMs, warm ones
+    included, counted like the host budget (from restore start to destroyed).
+    """
+
+    max_sandboxes: int | None = None
+    max_templates: int | None = None
+    max_mem_mib: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_sandboxes", "max_templates", "max_mem_mib"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise InvalidArgument(f"quota {name} must be a whole number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +157,18 @@ class AlreadyExists(PoolError):
 
 class ResourceExhausted(PoolError):
     """The host has no room for another microVM."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """The tenant's quota does not allow it."""
+
+
+class Unauthenticated(PoolError):
+    """The call carries no valid credentials."""
+
+
+class PermissionDenied(PoolError):
+    """The caller may not do that (e.g. it is another tenant's sandbox)."""
 
 
 class InvalidArgument(PoolError):

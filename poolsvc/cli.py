@@ -18,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from . import client_cli, snapshot_cli
+from .auth import AuthError
 
 
 def _vmm_command() -> list[str]:
@@ -97,6 +99,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import structlog
 
+    from .netslots import NetConfig
     from .pool import HostBudget
     from .service import ServiceConfig, default_budget, serve_forever
 
@@ -108,8 +111,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.mem_budget_mib is not None:
         budget = HostBudget(mem_mib=args.mem_budget_mib, max_vms=args.max_vms, vcpus=None,
                             oversubscription=args.oversubscription)
-    config = ServiceConfig(service_id=args.service_id, budget=budget, max_restoring=args.max_restoring)
+    config = ServiceConfig(service_id=args.service_id, budget=budget, max_restoring=args.max_restoring,
+                           metrics_listen=args.metrics_listen or None,
+                           network=NetConfig(cidr=args.net_cidr, max_slots=args.net_max_slots,
+                                             min_free=args.net_min_free) if args.net_cidr else None)
+    try:
+        config.auth, config.tls, config.mtls = serve_security(args, config.home)
+    except AuthError as exc:
+        print(f"ember serve: {exc}", file=sys.stderr)
+        return 2
+    if args.no_jail:
+        config.jail = None
     return serve_forever(args.listen, config)
+
+
+def serve_security(args: argparse.Namespace, home: Path) -> tuple[Any, Any, bool]:
+    """``(authenticator or None, TLS server credentials or None, mtls)`` from `ember serve`'s flags.
+
+    The tenants file is ``--tenants``, else ``$EMBER_HOME/tenants.json`` if it
+    exists. Raises `auth.AuthError` for unreadable files and for a listen
+    address others could reach without authentication (`auth.check_exposure`).
+    """
+    from .auth import TenantRegistry, TlsFileError, check_exposure, server_credentials
+
+    tenants_file = args.tenants
+    if tenants_file is None and (home / "tenants.json").exists():
+        tenants_file = str(home / "tenants.json")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise TlsFileError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise TlsFileError("--tls-client-ca needs --tls-cert and --tls-key")
+    check_exposure(args.listen, tls=args.tls_cert is not None, client_ca=args.tls_client_ca is not None,
+                   tenants=tenants_file is not None, insecure=args.insecure)
+    registry = TenantRegistry.load(tenants_file) if tenants_file is not None else None
+    tls = (server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+           if args.tls_cert is not None else None)
+    return registry, tls, args.tls_client_ca is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--oversubscription", type=float, default=4.0,
                     help="memory oversubscription ratio (clones share template memory copy-on-write)")
     sv.add_argument("--max-restoring", type=int, default=4, help="concurrent pool refills")
+    sv.add_argument("--no-jail", action="store_true",
+                    help="run the VMMs unjailed (as root; by default each is jailed: docs/pool.md)")
     sv.add_argument("--log-format", choices=("json", "console"), default="console")
+    sv.add_argument("--metrics-listen", default="127.0.0.1:9464", metavar="HOST:PORT",
+                    help="Prometheus endpoint, GET /metrics (default %(default)s; port 0 picks one; '' turns it off)")
+    sv.add_argument("--net-cidr", metavar="CIDR", default=None,
+                    help="give each sandbox a network slot: a /30 of this block (e.g. 10.200.0.0/16; "
+                         "see poolsvc/netslots.py); default: no networking")
+    sv.add_argument("--net-min-free", type=int, default=2, help="network slots kept ready")
+    sv.add_argument("--net-max-slots", type=int, default=1024, help="most network slots")
+    sv.add_argument("--tenants", metavar="FILE", default=None,
+                    help="tenants, their token hashes, client-certificate names and quotas (docs/pool.md, "
+                         "Security; default: $EMBER_HOME/tenants.json if it exists, else one implicit tenant)")
+    sv.add_argument("--tls-cert", metavar="PEM", default=None, help="serve TLS with this certificate (chain)")
+    sv.add_argument("--tls-key", metavar="PEM", default=None, help="the private key of --tls-cert")
+    sv.add_argument("--tls-client-ca", metavar="PEM", default=None,
+                    help="require client certificates signed by this CA (mTLS)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="listen off loopback without authentication or TLS anyway")
     sv.set_defaults(func=cmd_serve)
 
     snapshot_cli.add_parsers(sub)  # ember snapshot ..., ember page-server

@@ -15,7 +15,12 @@
     ember bench load --template NAME --duration S [--clients N] [--rate R] ... (bench/load.py)
 
 Every command finds the service at ``--addr``, else ``$EMBER_ADDR``, else
-127.0.0.1:50051, takes ``--json`` (one JSON document on stdout instead of a
+127.0.0.1:50051; speaks TLS with ``--tls-ca PEM`` (``$EMBER_TLS_CA``: the CA
+of the service's certificate) and presents a client certificate with
+``--tls-cert``/``--tls-key`` (mTLS); sends ``--token`` (better:
+``$EMBER_TOKEN``, which ``ps`` does not show) as ``authorization: Bearer``;
+``--tenant NAME`` lets an admin manage another tenant's pools and
+templates. Every command takes ``--json`` (one JSON document on stdout instead of a
 table) and ``--deadline SECONDS`` (the call's gRPC deadline; template
 creation boots and snapshots a VM, so it defaults to an hour and shows
 progress on stderr meanwhile). An error is one line on stderr — the gRPC
@@ -44,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 
 from . import proto
+from .auth import AuthError, client_channel
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_DEADLINE = 30.0
@@ -80,31 +86,40 @@ def _iso(ts: Any, present: bool) -> str | None:
         .isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _with_tenant(d: dict[str, Any], msg: Any) -> dict[str, Any]:
+    """`d` plus the owner tenant, when the service names one."""
+    tenant = getattr(msg, "tenant", "")
+    if tenant:
+        d["tenant"] = tenant
+    return d
+
+
 def sandbox_dict(pb2: Any, s: Any) -> dict[str, Any]:
-    return {
+    return _with_tenant({
         "id": s.id, "template": s.template,
         "state": _enum_name(pb2.SandboxState, s.state, "SANDBOX_STATE_"),
         "agent": {"vsock_uds_path": s.agent.vsock_uds_path, "port": s.agent.port},
         "network": {"ip_address": s.network.ip_address, "tap": s.network.tap},
         "lease_deadline": _iso(s.lease_deadline, s.HasField("lease_deadline")),
         "metadata": dict(s.metadata),
-    }
+    }, s)
 
 
 def template_dict(pb2: Any, t: Any) -> dict[str, Any]:
-    return {
+    return _with_tenant({
         "name": t.name, "state": _enum_name(pb2.TemplateState, t.state, "TEMPLATE_STATE_"),
         "vcpus": t.vcpus, "mem_mib": t.mem_mib, "created": _iso(t.created, t.HasField("created")),
         "kernel": t.kernel, "rootfs": t.rootfs, "initrd": t.initrd, "boot_args": t.boot_args,
-    }
+    }, t)
 
 
 def pool_dict(p: Any) -> dict[str, Any]:
-    return {
+    return _with_tenant({
         "template": p.template, "min_warm": p.min_warm, "max_warm": p.max_warm,
         "warm": p.warm, "leased": p.leased, "restoring": p.restoring,
         "launches_total": p.launches_total, "failures_total": p.failures_total,
-    }
+        "launch_rate": round(p.launch_rate, 2), "mem_mib": p.mem_mib,
+    }, p)
 
 
 # ---- output ---------------------------------------------------------------------
@@ -165,7 +180,9 @@ class _Client:
         self.pb2, pb2_grpc = proto.load()
         self.addr = service_addr(args.addr)
         self.deadline: float | None = args.deadline
-        self.channel = grpc.insecure_channel(self.addr)
+        self.channel = client_channel(self.addr, tls_ca=args.tls_ca or os.environ.get("EMBER_TLS_CA") or None,
+                                      token=args.token or os.environ.get("EMBER_TOKEN") or None,
+                                      cert=args.tls_cert, key=args.tls_key)
         self.stub = pb2_grpc.PoolServiceStub(self.channel)
 
     def close(self) -> None:
@@ -182,23 +199,26 @@ def cmd_pool(args: argparse.Namespace, c: _Client) -> int:
         lo, hi = args.min_warm, args.max_warm
     else:  # drain
         lo, hi = 0, 0
-    status = pool_dict(c.stub.SetPool(pb2.SetPoolRequest(template=args.name, min_warm=lo, max_warm=hi),
-                                      timeout=c.deadline))
+    status = pool_dict(c.stub.SetPool(pb2.SetPoolRequest(template=args.name, min_warm=lo, max_warm=hi,
+                                                         tenant=args.tenant or ""), timeout=c.deadline))
     _emit(args, status, _pool_table([status]))
     return 0
 
 
 def cmd_status(args: argparse.Namespace, c: _Client) -> int:
     pools = [pool_dict(p) for p in c.stub.ListPools(c.pb2.ListPoolsRequest(), timeout=c.deadline).pools]
-    keys = ("warm", "leased", "restoring", "launches_total", "failures_total")
+    keys = ("warm", "leased", "restoring", "launches_total", "failures_total", "launch_rate", "mem_mib")
     total = {k: sum(p[k] for p in pools) for k in keys}
+    total["launch_rate"] = round(total["launch_rate"], 2)
     if args.json:
         _emit(args, {"addr": c.addr, "pools": pools, "total": total}, "")
         return 0
     rows: list[Sequence[Any]] = [(p["template"], *(p[k] for k in keys)) for p in pools]
     rows.append(("TOTAL", *(total[k] for k in keys)))
     print(f"ember pool service at {c.addr}: {len(pools)} pool{'s' if len(pools) != 1 else ''}")
-    print(table(("TEMPLATE", "WARM", "LEASED", "RESTORING", "LAUNCHES", "FAILURES"), rows))
+    print(table(("TEMPLATE", "WARM", "LEASED", "RESTORING", "LAUNCHES", "FAILURES", "LAUNCH/S",
+                 "MEM_MIB"), rows))
+    print("LAUNCH/S: restores per second over the last minute; MEM_MIB: guest memory committed")
     return 0
 
 
@@ -324,11 +344,12 @@ def cmd_template(args: argparse.Namespace, c: _Client) -> int:
             [(t["name"], t["state"], t["vcpus"], t["mem_mib"], t["created"] or "-") for t in templates]))
         return 0
     if args.template_cmd == "rm":
-        c.stub.DeleteTemplate(pb2.DeleteTemplateRequest(name=args.name), timeout=c.deadline)
+        c.stub.DeleteTemplate(pb2.DeleteTemplateRequest(name=args.name, tenant=args.tenant or ""),
+                              timeout=c.deadline)
         _emit(args, {"name": args.name, "deleted": True}, f"deleted template {args.name}")
         return 0
     req = pb2.CreateTemplateRequest(name=args.name, vcpus=args.vcpus or 0, mem_mib=args.mem or 0,
-                                    **_template_defaults(args))
+                                    tenant=args.tenant or "", **_template_defaults(args))
     future = c.stub.CreateTemplate.future(req, timeout=c.deadline)
     done = threading.Event()
     future.add_done_callback(lambda _f: done.set())
@@ -357,7 +378,7 @@ def _run(handler: Callable[[argparse.Namespace, _Client], int]) -> Callable[[arg
     def func(args: argparse.Namespace) -> int:
         try:
             client = _Client(args)
-        except proto.ProtoError as exc:
+        except (proto.ProtoError, AuthError) as exc:
             print(f"ember: {exc}", file=sys.stderr)
             return 1
         try:
@@ -383,6 +404,11 @@ def _common(deadline: float | None) -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=_positive, default=deadline,
                    help="seconds the call may take (default: "
                         + (f"{deadline:g})" if deadline else "the command's --timeout plus 30, else none)"))
+    p.add_argument("--tls-ca", metavar="PEM", help="speak TLS; the CA of the service's certificate "
+                                                   "(default: $EMBER_TLS_CA; none: plaintext)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--token", help="bearer token (default: $EMBER_TOKEN, which ps does not show)")
     return p
 
 
@@ -411,8 +437,10 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("name")
     s.add_argument("--min-warm", type=_count, required=True)
     s.add_argument("--max-warm", type=_count, required=True)
+    s.add_argument("--tenant", help="admin: another tenant's template")
     d = pool_sub.add_parser("drain", parents=[common], help="keep no warm sandboxes (min=max=0)")
     d.add_argument("name")
+    d.add_argument("--tenant", help="admin: another tenant's template")
     pool.set_defaults(func=_run(cmd_pool))
 
     sb = sub.add_parser("sandbox", help="sandboxes: list, run a command, kill")
@@ -441,9 +469,11 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--boot-args", help="default: the built guest's")
     c.add_argument("--vcpus", type=int, help="default: the service's")
     c.add_argument("--mem", type=int, help="guest memory in MiB; default: the service's")
+    c.add_argument("--tenant", help="admin: create it for another tenant")
     tp_sub.add_parser("ls", parents=[common], help="templates and their state")
     rm = tp_sub.add_parser("rm", parents=[common], help="delete a template")
     rm.add_argument("name")
+    rm.add_argument("--tenant", help="admin: another tenant's template")
     tp.set_defaults(func=_run(cmd_template))
 
     st = sub.add_parser("status", parents=[common], help="the service at a glance: pools and counters")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -57,14 +58,18 @@ from typing import Any
 
 import structlog
 
+from poolsvc.netslots import GUEST_IFACE_ID, GUEST_MAC, NetSlotError, NetSlots, Slot, guest_ip_boot_arg
+from poolsvc.jailing import JAIL_VSOCK, JailConfig, JailedVm, JailPool, JailPoolError
 from poolsvc.vmm_client import VmmClient, VmmClientError
 
 __all__ = [
     "LauncherError",
+    "describe_exit",
     "LaunchError",
     "TemplateError",
     "TemplateNotFound",
     "TemplateExists",
+    "TemplateNotAuthentic",
     "ZygoteUnavailable",
     "VmHandle",
     "TemplateInfo",
@@ -125,6 +130,10 @@ class TemplateError(LauncherError):
 
 class TemplateNotFound(TemplateError):
     """No template of that name."""
+
+
+class TemplateNotAuthentic(TemplateError, LaunchError):
+    """A template's snapshot does not match its signature (or has none); no VMM was started."""
 
 
 class TemplateExists(TemplateError):
@@ -216,6 +225,24 @@ def _is_ember_vmm(pid: int) -> bool:
     return any(a == "vmm.main" or os.path.basename(a) == _VMM_COMM for a in args)
 
 
+def _vmm_pids_with_id(vm_id: str) -> list[int]:
+    """Running ember-vmm processes whose command line says ``--id vm_id``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        # setproctitle leaves one space-separated string; exec'd VMMs have NUL-separated argv.
+        args = raw.replace(b"\0", b" ").decode(errors="replace").split()
+        if any(a == "--id" and b == vm_id for a, b in zip(args, args[1:])) and _is_ember_vmm(int(entry)):
+            if _running(int(entry), 0):
+                out.append(int(entry))
+    return out
+
+
 def _try_reap(pid: int) -> bool:
     """Reap `pid` if it is an exited child of ours; True if it was reaped."""
     try:
@@ -223,6 +250,28 @@ def _try_reap(pid: int) -> bool:
     except ChildProcessError:
         return False
     return done == pid
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _threads_left(pid: int) -> int:
+    """How many threads `pid` still has (/proc/PID/task; 0 if it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
 
 
 def _kill_and_wait(pid: int, start_time: int, timeout: float = _KILL_WAIT) -> None:
@@ -246,8 +295,11 @@ def _kill_and_wait(pid: int, start_time: int, timeout: float = _KILL_WAIT) -> No
         if st is None or (start_time and st[1] != start_time):
             return
         if st[0] in ("Z", "X"):
-            if not _try_reap(pid) and time.monotonic() >= deadline:
-                return  # dead; its parent (not us) will reap it
+            # Dead once no thread is left but the zombie leader: its parent (not us) reaps it,
+            # maybe seconds later (some inits reap lazily): waiting for that made crash recovery
+            # take seconds per stale VMM (bench/chaos.py).
+            if _try_reap(pid) or _threads_left(pid) <= 1 or time.monotonic() >= deadline:
+                return
         elif time.monotonic() >= deadline:
             raise LauncherError(f"process {pid} did not die within {timeout} s of SIGKILL")
         time.sleep(delay)
@@ -342,6 +394,8 @@ class VmHandle:
     template: str
     #: /proc/PID/stat start time: with `pid`, the process's identity.
     start_time: int = 0
+    #: The network slot the VMM runs in (its TAP, the sandbox's address); None without networking.
+    net: Slot | None = None
 
     @property
     def console_log(self) -> Path:
@@ -380,13 +434,16 @@ class TemplateInfo:
     vsock_cid: int
     agent_port: int
     created: str
+    #: The guest has a network interface (eth0 on TAP ``tap0``): clones need a network slot.
+    network: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"format": TEMPLATE_FORMAT, "name": self.name, "state": self.state_path.name,
                 "mem": self.mem_path.name, "rootfs": self.rootfs_path.name if self.rootfs_path else None,
                 "rootfs_writable": self.rootfs_writable, "vcpus": self.vcpus, "mem_mib": self.mem_mib,
                 "kernel": self.kernel, "initrd": self.initrd, "boot_args": self.boot_args,
-                "vsock_cid": self.vsock_cid, "agent_port": self.agent_port, "created": self.created}
+                "vsock_cid": self.vsock_cid, "agent_port": self.agent_port, "created": self.created,
+                "network": self.network}
 
     @classmethod
     def from_json(cls, directory: Path, doc: Any) -> TemplateInfo:
@@ -402,7 +459,7 @@ class TemplateInfo:
                        mem_mib=int(doc["mem_mib"]), kernel=str(doc["kernel"]),
                        initrd=str(doc["initrd"]) if doc.get("initrd") else None, boot_args=str(doc["boot_args"]),
                        vsock_cid=int(doc["vsock_cid"]), agent_port=int(doc["agent_port"]),
-                       created=str(doc["created"]))
+                       created=str(doc["created"]), network=bool(doc.get("network", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise TemplateError(f"bad template.json in {directory}: {exc}") from exc
 
@@ -410,11 +467,17 @@ class TemplateInfo:
 class TemplateStore:
     """Templates under ``<root>/templates/``: create (boot, wait, snapshot), get, list, remove."""
 
-    def __init__(self, root: str | Path | None = None, *, python: str = sys.executable) -> None:
-        """`root`: default `ember_home()`."""
+    def __init__(self, root: str | Path | None = None, *, python: str = sys.executable,
+                 network: NetSlots | None = None) -> None:
+        """`root`: default `ember_home()`. `network`: templates boot with eth0 in a slot of it."""
         self.root = Path(root) if root is not None else ember_home()
         self.dir = self.root / "templates"
         self.python = python
+        self.network = network
+        #: The snapshot key (created 0600 by the first `create`); once it exists, templates are
+        #: signed and sealed at creation, checked on `get`, and VMMs get `vmm_key_args()`.
+        self.key_file = ember_home() / "snapshot.key"
+        self._verified: dict[str, tuple[tuple[int, ...], ...]] = {}
 
     def __repr__(self) -> str:
         return f"<TemplateStore {self.dir} templates={len(self.list())}>"
@@ -429,7 +492,83 @@ class TemplateStore:
             raise TemplateNotFound(f"no template {name!r} in {self.dir}") from None
         except (OSError, ValueError) as exc:
             raise TemplateError(f"cannot read {path}: {exc}") from exc
-        return TemplateInfo.from_json(self.dir / name, doc)
+        info = TemplateInfo.from_json(self.dir / name, doc)
+        self._authenticate(info)
+        return info
+
+    # --- snapshot authentication (docs/snapshots.md) -------------------------------------
+
+    def _key_args_creating(self) -> list[str]:
+        """`vmm_key_args`, creating the key (0600) on first use."""
+        from snapshot.auth import KeyFileError, ensure_key_file
+        try:
+            ensure_key_file(self.key_file)
+        except (KeyFileError, OSError) as exc:
+            raise TemplateError(f"cannot use the snapshot key: {exc}") from exc
+        return self.vmm_key_args()
+
+    def vmm_key_args(self) -> list[str]:
+        """The VMM flags that make it sign and check snapshots with this store's key (none without one)."""
+        return ["--snapshot-key-file", str(self.key_file)] if self.key_file.exists() else []
+
+    def _authenticate(self, info: TemplateInfo) -> None:
+        """With a key: `TemplateError` unless the template's files match its signature.
+
+        A sealed memory file (see `_seal`) is not hashed; an unsealed one is,
+        and the result is remembered until one of the files changes (inode,
+        size, mtime or ctime), so `get` on the restore path costs three stats.
+        The VMM checks again on load: this is the pool refusing early.
+        """
+        if not self.key_file.exists():
+            return
+        from snapshot.auth import SnapshotAuthError, load_key_file, read_signature, signature_path
+        from snapshot.format import SnapshotFormatError, read_bounded
+        from snapshot.memfile import memory_file_sealed, verify_memory_fd
+        files = (info.state_path, Path(signature_path(info.state_path)), info.mem_path)
+        identity = tuple(_file_identity(p) for p in files)
+        if self._verified.get(info.name) == identity:
+            return
+        what = "the snapshot key"
+        try:
+            key = load_key_file(self.key_file)
+            what = "its signature"
+            signature = read_signature(key, files[1])
+            what = f"its state file {info.state_path}"
+            signature.check_state(read_bounded(info.state_path, 32 << 20))
+            what = f"its memory file {info.mem_path}"
+            fd = os.open(info.mem_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if not memory_file_sealed(fd, key, signature):
+                    verify_memory_fd(fd, signature.memory)
+            finally:
+                os.close(fd)
+        except (SnapshotAuthError, SnapshotFormatError, OSError) as exc:
+            self._verified.pop(info.name, None)
+            raise TemplateNotAuthentic(f"template {info.name!r} is not authentic: {what}: {exc}") from exc
+        self._verified[info.name] = identity
+
+    def _seal(self, info: TemplateInfo) -> None:
+        """Right after creation (the VMM that wrote the files is dead, so nobody holds them open
+        for writing): make the snapshot files root-owned and read-only, check them against the
+        signature the VMM wrote, and seal the memory file so VMMs need not hash it."""
+        if not self.key_file.exists():
+            return
+        from snapshot.auth import SnapshotAuthError, load_key_file, read_signature, signature_path
+        from snapshot.format import SnapshotFormatError, read_bounded
+        from snapshot.memfile import seal_memory_file
+        sig_path = Path(signature_path(info.state_path))
+        try:
+            for p in (info.state_path, sig_path):
+                os.chmod(p, 0o444)
+                if os.geteuid() == 0:
+                    os.chown(p, 0, 0)
+            key = load_key_file(self.key_file)
+            signature = read_signature(key, sig_path)
+            signature.check_state(read_bounded(info.state_path, 32 << 20))
+            sealed = seal_memory_file(info.mem_path, key, signature)
+        except (SnapshotAuthError, SnapshotFormatError, OSError) as exc:
+            raise TemplateError(f"the new template's snapshot does not verify: {exc}") from exc
+        log.info("template snapshot verified", template=info.name, sealed=sealed)
 
     def list(self) -> list[TemplateInfo]:
         """Every complete template, by name."""
@@ -484,6 +623,9 @@ class TemplateStore:
         build = tdir / "build"
         proc: subprocess.Popen[bytes] | None = None
         client: VmmClient | None = None
+        slot: Slot | None = None
+        if self.network is not None and not any(a.startswith("ip=") for a in boot_args.split()):
+            boot_args = f"{boot_args} {guest_ip_boot_arg()}".strip()  # eth0's fixed address (netslots)
         try:
             build.mkdir()
             api_sock, vsock_uds = build / "api.sock", build / "vsock.sock"
@@ -498,10 +640,19 @@ class TemplateStore:
                 rootfs_path=rootfs_copy, rootfs_writable=rootfs_writable, vcpus=vcpus, mem_mib=mem_mib,
                 kernel=str(kernel), initrd=str(initrd) if initrd else None, boot_args=boot_args,
                 vsock_cid=vsock_cid, agent_port=agent_port,
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                network=self.network is not None)
+            prefix: list[str] = []
+            if self.network is not None:
+                try:
+                    slot = self.network.acquire(f"template-{name}")
+                except NetSlotError as exc:
+                    raise TemplateError(f"no network slot for the template: {exc}") from exc
+                prefix = _netns_exec_prefix(slot)
             with open(build / "console.log", "wb") as out, open(build / "vmm.log", "wb") as err:
                 proc = subprocess.Popen(
-                    [self.python, "-m", "vmm.main", "--api-sock", str(api_sock), "--id", f"template-{name}"],
+                    [*prefix, self.python, "-m", "vmm.main", "--api-sock", str(api_sock), "--id", f"template-{name}",
+                     *self._key_args_creating()],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True, close_fds=True,
                     env=_subprocess_env())
             handle = VmHandle(vm_id=f"template-{name}", pid=proc.pid, workdir=build, api_sock=api_sock,
@@ -516,6 +667,9 @@ class TemplateStore:
                 client.put_drive(ROOTFS_DRIVE_ID, str(rootfs_copy), is_root_device=True,
                                  is_read_only=not rootfs_writable)
             client.put_vsock(vsock_cid, str(vsock_uds))
+            if slot is not None:
+                client.put(f"/network-interfaces/{GUEST_IFACE_ID}",
+                           {"iface_id": GUEST_IFACE_ID, "host_dev_name": slot.tap, "guest_mac": GUEST_MAC})
             client.instance_start()
             while not is_ready(handle):
                 if proc.poll() is not None:
@@ -529,7 +683,11 @@ class TemplateStore:
             client = None
             _kill_and_wait(proc.pid, handle.start_time)
             proc.wait()
+            if slot is not None and self.network is not None:
+                self.network.release(slot)
+                slot = None
             shutil.rmtree(build)
+            self._seal(info)
             _write_json_atomic(tdir / "template.json", info.to_json())
             log.info("template created", template=name, vcpus=vcpus, mem_mib=mem_mib)
             return info
@@ -544,11 +702,27 @@ class TemplateStore:
                     except ProcessLookupError:
                         pass
                 proc.wait()
+            if slot is not None and self.network is not None:
+                self.network.release(slot)
             shutil.rmtree(tdir, ignore_errors=True)
             if isinstance(exc, (TemplateError, VmmClientError, LauncherError, OSError)):
                 raise TemplateError(f"cannot create template {name!r}: {exc}\n--- console ---\n{console}\n"
                                     f"--- vmm ---\n{vmm_log}") from exc
             raise
+
+
+def _netns_exec_prefix(slot: Slot) -> list[str]:
+    """A command prefix running a program in `slot`'s network namespace (nsenter execs it: same pid)."""
+    return ["nsenter", f"--net={slot.netns_path}", "--"]
+
+
+def _file_identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is replaced or written: (dev, inode, size, mtime, ctime); () if absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _console_marker(marker: str) -> Callable[[VmHandle], bool]:
@@ -645,6 +819,10 @@ class ZygoteClient:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        # Nothing of a stopped zygote stays in the run root (an empty log says nothing either).
+        _unlink_quietly(self.socket_path.with_name(_ZYGOTE_PID))
+        if _file_size(self.log_path) == 0:
+            _unlink_quietly(self.log_path)
 
     def request(self, doc: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         """Send one request and return its answer; `ZygoteUnavailable` on any transport failure."""
@@ -674,17 +852,28 @@ class ZygoteClient:
             raise ZygoteUnavailable(f"the zygote answered {answer!r}")
         return answer
 
-    def spawn(self, argv: list[str], *, stdin: Path | None, stdout: Path, stderr: Path, cwd: Path) -> int:
-        answer = self.request({"op": "spawn", "argv": argv, "stdin": str(stdin) if stdin else None,
-                               "stdout": str(stdout), "stderr": str(stderr), "cwd": str(cwd)})
+    def spawn(self, argv: list[str], *, stdin: Path | None, stdout: Path, stderr: Path, cwd: Path,
+              netns: Path | None = None, jail: dict[str, Any] | None = None) -> int:
+        doc: dict[str, Any] = {"op": "spawn", "argv": argv, "stdin": str(stdin) if stdin else None,
+                               "stdout": str(stdout), "stderr": str(stderr), "cwd": str(cwd)}
+        if netns is not None:
+            doc["netns"] = str(netns)
+        if jail is not None:
+            doc["jail"] = jail
+        answer = self.request(doc)
         if not answer.get("ok"):
             raise LaunchError(f"the zygote could not spawn a VMM: {answer.get('error')}")
         return int(answer["pid"])
 
     def wait(self, pid: int, timeout: float) -> str:
         """"exited" (the zygote reaped it), "running" (after `timeout` s) or "unknown" (not its child)."""
+        return self.wait_status(pid, timeout)[0]
+
+    def wait_status(self, pid: int, timeout: float) -> tuple[str, int | None]:
+        """`wait`'s state and, once "exited", the return code (negative: killed by that signal)."""
         answer = self.request({"op": "wait", "pid": pid, "timeout": timeout}, timeout=timeout + 10.0)
-        return str(answer.get("state", "unknown"))
+        rc = answer.get("returncode")
+        return str(answer.get("state", "unknown")), rc if isinstance(rc, int) else None
 
 
 # --- the launcher --------------------------------------------------------------------------
@@ -708,8 +897,12 @@ class Launcher:
 
     def __init__(self, store: TemplateStore, root: str | Path | None = None, *, service_id: str = "default",
                  use_zygote: bool = True, console_input: bool = False, subreaper: bool = True,
-                 python: str = sys.executable, spawn_timeout: float = 30.0, api_timeout: float = 30.0) -> None:
+                 python: str = sys.executable, spawn_timeout: float = 30.0, api_timeout: float = 30.0,
+                 jail: JailConfig | None = None) -> None:
         """`root`: the run directory of this service (default ``$EMBER_HOME/run/<service_id>``).
+
+        `jail`: jail every VMM (`poolsvc.jailing`: its own uid, chroot in its
+        work directory, namespaces, pooled cgroup); None: VMMs run as root.
 
         `console_input`: give each VMM a FIFO ``console.in`` as its stdin
         (else /dev/null). `subreaper`: make this process a child subreaper,
@@ -728,8 +921,15 @@ class Launcher:
         self._handles: dict[str, VmHandle] = {}
         self._clients: dict[str, VmmClient] = {}
         self._direct: dict[int, subprocess.Popen[bytes]] = {}
+        #: vm id -> its leased network slot (the store's `NetSlots`), given back by `destroy`.
+        self._slots: dict[str, Slot] = {}
         self._lock = threading.Lock()
         self._zygote_lock = threading.Lock()
+        # Cgroups are named after the run root: services (and tests) on one host never share them.
+        jail_name = f"{self.root.name}-{hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:8]}"
+        self.jails = JailPool(jail, jail_name) if jail is not None else None
+        #: vm id -> its jail (when jailed).
+        self._jails: dict[str, JailedVm] = {}
 
     def __repr__(self) -> str:
         mode = "zygote" if self.zygote.running else "direct"
@@ -741,6 +941,8 @@ class Launcher:
         """Create the run root and start the zygote (or note that VMMs will be spawned directly)."""
         self.root.mkdir(parents=True, exist_ok=True)
         _check_sun_path(self.root / _ZYGOTE_SOCK)
+        if self.jails is not None:
+            self.jails.remove_cgroups()  # what a crashed predecessor left (after cleanup_stale)
         if self.use_zygote:
             self._ensure_zygote()
 
@@ -751,6 +953,8 @@ class Launcher:
             clients, self._clients = self._clients, {}
         for c in clients.values():
             c.close()
+        if self.jails is not None:
+            self.jails.remove_cgroups()  # those of live microVMs stay
 
     def __enter__(self) -> Launcher:
         self.start()
@@ -782,23 +986,34 @@ class Launcher:
 
     # --- spawning ------------------------------------------------------------------------
 
-    def _spawn(self, vm_id: str, workdir: Path, api_sock: Path, stdin: Path | None) -> int:
-        argv = ["--api-sock", str(api_sock), "--id", vm_id]
+    def _spawn(self, vm_id: str, workdir: Path, api_sock: Path, stdin: Path | None,
+               slot: Slot | None = None, jailed: JailedVm | None = None) -> int:
+        argv = ["--api-sock", str(api_sock), "--id", vm_id, *self.store.vmm_key_args()]
         out, err = workdir / "console.log", workdir / "vmm.log"
+        if jailed is not None:
+            argv[1] = "/api.sock"  # a path inside the jail
         if self.use_zygote:
             for attempt in (1, 2):
                 if not self._ensure_zygote():
                     break
                 try:
-                    return self.zygote.spawn(argv, stdin=stdin, stdout=out, stderr=err, cwd=workdir)
+                    return self.zygote.spawn(argv, stdin=stdin, stdout=out, stderr=err, cwd=workdir,
+                                             netns=slot.netns_path if slot is not None else None,
+                                             jail=jailed.spec.to_json() if jailed is not None else None)
                 except ZygoteUnavailable as exc:
                     log.warning("zygote request failed; restarting it", error=str(exc), attempt=attempt)
                     with self._zygote_lock:
                         self.zygote.stop()
+        if jailed is not None:
+            # A direct VMM enters the jail itself (without a PID namespace: nobody forks it into one).
+            spec_file = workdir / "jail.json"
+            _write_json_atomic(spec_file, jailed.spec.with_(new_pid_ns=False).to_json())
+            argv += ["--jail", str(spec_file)]
         fd_in = os.open(stdin, os.O_RDWR) if stdin is not None else subprocess.DEVNULL
         try:
             with open(out, "ab") as fout, open(err, "ab") as ferr:
-                proc = subprocess.Popen([self.python, "-m", "vmm.main", *argv], stdin=fd_in, stdout=fout,
+                prefix = _netns_exec_prefix(slot) if slot is not None else []
+                proc = subprocess.Popen([*prefix, self.python, "-m", "vmm.main", *argv], stdin=fd_in, stdout=fout,
                                         stderr=ferr, cwd=workdir, start_new_session=True, close_fds=True,
                                         env=_subprocess_env())
         finally:
@@ -834,18 +1049,28 @@ class Launcher:
                           agent_port=info.agent_port, template=template_name)
         try:
             drive_overrides = None
+            jailed = self._build_jail(info, vm_id, workdir) if self.jails is not None else None
+            if jailed is not None:
+                api_sock, vsock_uds = jailed.api_sock, jailed.vsock_uds
+                if jailed.rootfs_path is not None:
+                    drive_overrides = {ROOTFS_DRIVE_ID: jailed.rootfs_path}
             if info.rootfs_path is not None and info.rootfs_writable:
-                clone_rootfs = workdir / "rootfs.ext4"
+                clone_rootfs = workdir / "rootfs.ext4" if jailed is None else jailed.host_path("/rootfs.ext4")
                 _reflink_copy(info.rootfs_path, clone_rootfs)
                 drive_overrides = {ROOTFS_DRIVE_ID: str(clone_rootfs)}
+                if jailed is not None:
+                    os.chown(clone_rootfs, jailed.spec.uid, jailed.spec.gid)
+                    drive_overrides = {ROOTFS_DRIVE_ID: "/rootfs.ext4"}
             stdin = None
             if self.console_input:
                 stdin = handle.console_in
                 os.mkfifo(stdin, 0o600)
-            pid = self._spawn(vm_id, workdir, api_sock, stdin)
+            slot = self._lease_slot(info, vm_id)
+            pid = self._spawn(vm_id, workdir, api_sock, stdin, slot, jailed)
             start_time = process_start_time(pid) or 0
             handle = VmHandle(vm_id=vm_id, pid=pid, workdir=workdir, api_sock=api_sock, vsock_uds=vsock_uds,
-                              agent_port=info.agent_port, template=template_name, start_time=start_time)
+                              agent_port=info.agent_port, template=template_name, start_time=start_time,
+                              net=slot)
             _write_json_atomic(workdir / _PID_FILE, {"pid": pid, "start_time": start_time, "vm_id": vm_id,
                                                      "template": template_name})
             with self._lock:
@@ -854,8 +1079,12 @@ class Launcher:
             with self._lock:
                 self._clients[vm_id] = client
             client.wait_until_listening(self.spawn_timeout, alive=lambda: self.alive(handle))
-            client.load_snapshot(str(info.state_path), str(info.mem_path), resume_vm=False,
-                                 vsock_uds_path=str(vsock_uds), drive_overrides=drive_overrides)
+            state_path, mem_path, vsock_path = str(info.state_path), str(info.mem_path), str(vsock_uds)
+            if jailed is not None:
+                state_path, mem_path, vsock_path = jailed.state_path, jailed.mem_path, JAIL_VSOCK
+            client.load_snapshot(state_path, mem_path, resume_vm=False,
+                                 vsock_uds_path=vsock_path, drive_overrides=drive_overrides,
+                                 network_overrides={GUEST_IFACE_ID: slot.tap} if slot is not None else None)
         except BaseException as exc:
             vmm_log = _tail(workdir / "vmm.log")
             try:
@@ -867,6 +1096,42 @@ class Launcher:
                                   + (f"\n--- vmm ---\n{vmm_log}" if vmm_log else "")) from exc
             raise
         return handle
+
+    def _build_jail(self, info: TemplateInfo, vm_id: str, workdir: Path) -> JailedVm:
+        """Lease a jail slot and build `vm_id`'s jail in its work directory (`poolsvc.jailing`)."""
+        assert self.jails is not None
+        try:
+            jailed = self.jails.build(
+                vm_id, workdir, state=info.state_path, mem=info.mem_path,
+                rootfs=info.rootfs_path if info.rootfs_path is not None and not info.rootfs_writable else None,
+                vcpus=info.vcpus, mem_mib=info.mem_mib, new_pid_ns=self.use_zygote)
+        except JailPoolError as exc:
+            raise LaunchError(str(exc)) from exc
+        with self._lock:
+            self._jails[vm_id] = jailed
+        _check_sun_path(jailed.api_sock)
+        _check_sun_path(jailed.vsock_uds, _VSOCK_PORT_SUFFIX)
+        return jailed
+
+    def jail_of(self, handle: VmHandle) -> JailedVm | None:
+        """`handle`'s jail (None when VMMs are not jailed)."""
+        with self._lock:
+            return self._jails.get(handle.vm_id)
+
+    def _lease_slot(self, info: TemplateInfo, vm_id: str) -> Slot | None:
+        """A network slot for a clone of `info` (None if the template has no network interface)."""
+        if not info.network:
+            return None
+        if self.store.network is None:
+            raise LaunchError(f"template {info.name!r} has a network interface and this launcher has no network "
+                              "slots (start the service with --net-cidr)")
+        try:
+            slot = self.store.network.acquire(vm_id)
+        except NetSlotError as exc:
+            raise LaunchError(f"no network slot for {vm_id!r}: {exc}") from exc
+        with self._lock:
+            self._slots[vm_id] = slot
+        return slot
 
     def client(self, handle: VmHandle) -> VmmClient:
         """The API client of `handle`'s VMM (one per microVM; not thread-safe)."""
@@ -903,6 +1168,29 @@ class Launcher:
         _try_reap(handle.pid)  # a VMM re-parented to us after its zygote died
         return False
 
+    def exit_cause(self, handle: VmHandle) -> str:
+        """Why `handle`'s dead VMM ended, for the log: ``killed by SIGSYS (seccomp violation)``,
+        ``killed by SIGKILL``, ``exit 1: <its last log line>``, or ``unknown``.
+
+        Asks whoever reaped it (the zygote, or this process for a direct
+        child); a VMM that is still running is ``running``.
+        """
+        rc: int | None = None
+        with self._lock:
+            proc = self._direct.get(handle.pid)
+        if proc is not None:
+            rc = proc.poll()
+            if rc is None:
+                return "running"
+        elif self.zygote.running and handle.pid > 0:
+            try:
+                state, rc = self.zygote.wait_status(handle.pid, 0)
+            except ZygoteUnavailable:
+                state = "unknown"
+            if state == "running":
+                return "running"
+        return describe_exit(rc, _tail(handle.workdir / "vmm.log", 300))
+
     def destroy(self, handle: VmHandle) -> None:
         """Kill `handle`'s VMM (SIGKILL to its process group), reap it, remove its work directory.
 
@@ -917,6 +1205,14 @@ class Launcher:
             client.close()
         if handle.pid > 0:
             self._kill_and_reap(handle, proc)
+        with self._lock:
+            slot = self._slots.pop(handle.vm_id, None)
+        if slot is not None and self.store.network is not None:
+            self.store.network.release(slot)  # the VMM is dead: its TAP is closed
+        with self._lock:
+            jailed = self._jails.pop(handle.vm_id, None)
+        if jailed is not None and self.jails is not None:
+            self.jails.release(handle.vm_id)  # the VMM is dead: its uid and cgroup are free
         try:
             shutil.rmtree(handle.workdir)
         except FileNotFoundError:
@@ -955,6 +1251,20 @@ class Launcher:
         """Destroy every microVM this launcher knows (a drain)."""
         for handle in self.handles():
             self.destroy(handle)
+
+
+def describe_exit(returncode: int | None, log_tail: str = "") -> str:
+    """A VMM's end in words: its signal (SIGSYS means its seccomp filter killed it) or exit status."""
+    if returncode is None:
+        return "unknown"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}" + (" (seccomp violation)" if -returncode == signal.SIGSYS else "")
+    last = log_tail.strip().splitlines()[-1] if log_tail.strip() else ""
+    return f"exit {returncode}" + (f": {last}" if last else "")
 
 
 # --- crash recovery ------------------------------------------------------------------------
@@ -996,6 +1306,12 @@ def cleanup_stale(root: str | Path) -> list[StaleVm]:
             pid, start_time = rec
             if _running(pid, start_time) and _is_ember_vmm(pid):
                 _kill_and_wait(pid, start_time)
+                killed = True
+        else:
+            # Forked, but the crash came before its pid file was written (bench/chaos.py): find it
+            # by its command line's --id (ids are unique to one service start).
+            for pid in _vmm_pids_with_id(name):
+                _kill_and_wait(pid, process_start_time(pid) or 0)
                 killed = True
         shutil.rmtree(path, ignore_errors=True)
         found.append(StaleVm(vm_id=name, pid=rec[0] if rec else None, killed=killed))

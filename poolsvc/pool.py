@@ -30,6 +30,17 @@ What is guaranteed (and checked by the hypothesis tests):
   and no restore is started that would exceed it;
 * every acquire ends in exactly one `Reply` or `Fail` unless it is cancelled.
 
+Tenants. Every pool belongs to one tenant (`set_pool`'s ``tenant``), and so
+does every sandbox restored for it. An acquire names its tenant and is
+served only from that tenant's pools (another tenant's pool answers
+NotFound), so a sandbox of a tenant is only ever a clone of that tenant's
+templates. Idempotency keys are per tenant: the same key from two tenants
+names two acquires. With a `Quota` set (`set_quota`) a tenant's leases
+(LEASED, RESUMING and acquires waiting) never exceed ``max_sandboxes`` —
+the acquire over it fails with QuotaExceeded — and the guest memory of all
+its sandboxes, counted like the host budget, never exceeds ``max_mem_mib``
+(refills stop below it; an on-demand restore over it fails the acquire).
+
 Acquires are served FIFO per template: whichever sandbox of the template
 becomes WARM first goes to the oldest waiting acquire, so a refill that
 finishes before a dedicated on-demand restore serves the waiter sooner; the
@@ -45,11 +56,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Union
 
 from poolsvc.api_types import (
+    DEFAULT_TENANT,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     PoolError,
     PoolStatusInfo,
+    Quota,
+    QuotaExceeded,
     ResourceExhausted,
     SandboxState,
     Unavailable,
@@ -205,6 +220,8 @@ class SandboxRecord:
     request_id: str | None
     idempotency_key: str | None
     lease_deadline: float | None
+    #: The tenant that owns it (its pool's).
+    tenant: str = DEFAULT_TENANT
 
     @property
     def api_state(self) -> SandboxState:
@@ -223,6 +240,7 @@ class _Claim:
     lease_ttl: float | None
     key: str | None
     reply_to: list[str]
+    tenant: str = DEFAULT_TENANT
     attempts: int = 0
     #: The sandbox being resumed for it, if any.
     vm_id: str | None = None
@@ -238,6 +256,7 @@ class _Sandbox:
     created_at: float
     state_since: float
     on_demand: bool
+    tenant: str = DEFAULT_TENANT
     for_claim: _Claim | None = None
     doomed: bool = False
     claim: _Claim | None = None
@@ -252,6 +271,7 @@ class _Sandbox:
             mem_mib=self.mem_mib, vcpus=self.vcpus, on_demand=self.on_demand,
             doomed=self.doomed, request_id=self.request_id,
             idempotency_key=self.idempotency_key, lease_deadline=self.lease_deadline,
+            tenant=self.tenant,
         )
 
 
@@ -262,6 +282,7 @@ class _Pool:
     max_warm: int
     mem_mib: int
     vcpus: int
+    tenant: str = DEFAULT_TENANT
     removed: bool = False
     #: vm ids per state; dicts as insertion-ordered sets (WARM: oldest first).
     members: dict[VmState, dict[str, None]] = field(
@@ -331,8 +352,11 @@ class PoolMachine:
         self._pools: dict[str, _Pool] = {}
         self._vms: dict[str, _Sandbox] = {}
         self._requests: dict[str, _Claim] = {}
-        self._pending_keys: dict[str, _Claim] = {}
-        self._leased_keys: dict[str, str] = {}
+        #: Idempotency keys, per tenant: (tenant, key).
+        self._pending_keys: dict[tuple[str, str], _Claim] = {}
+        self._leased_keys: dict[tuple[str, str], str] = {}
+        self._quotas: dict[str, Quota] = {}
+        self._tenant_mem: dict[str, int] = {}
         self._draining = False
         self._used_vms = 0
         self._used_mem = 0
@@ -341,11 +365,13 @@ class PoolMachine:
     # -- configuration inputs ------------------------------------------------
 
     def set_pool(self, template: str, min_warm: int, max_warm: int, now: float, *,
-                 mem_mib: int | None = None, vcpus: int | None = None) -> list[Action]:
-        """Create or resize `template`'s pool; `mem_mib`/`vcpus` size its future VMs.
+                 mem_mib: int | None = None, vcpus: int | None = None,
+                 tenant: str = DEFAULT_TENANT) -> list[Action]:
+        """Create or resize `template`'s pool, owned by `tenant`; `mem_mib`/`vcpus` size its future VMs.
 
-        Raises InvalidArgument for bad bounds. Lowering `max_warm` trims warm
-        sandboxes now and dooms surplus refills still restoring.
+        Raises InvalidArgument for bad bounds, PermissionDenied if the pool
+        belongs to another tenant. Lowering `max_warm` trims warm sandboxes
+        now and dooms surplus refills still restoring.
         """
         if min_warm < 0 or max_warm < min_warm:
             raise InvalidArgument(f"pool {template!r}: need 0 <= min_warm <= max_warm, "
@@ -353,10 +379,12 @@ class PoolMachine:
         if (mem_mib is not None and mem_mib <= 0) or (vcpus is not None and vcpus <= 0):
             raise InvalidArgument(f"pool {template!r}: mem_mib and vcpus must be positive")
         pool = self._pools.get(template)
+        if pool is not None and pool.tenant != tenant:
+            raise PermissionDenied(f"pool {template!r} belongs to another tenant")
         if pool is None:
             pool = self._pools[template] = _Pool(
                 template, min_warm, max_warm,
-                mem_mib or self.default_mem_mib, vcpus or self.default_vcpus)
+                mem_mib or self.default_mem_mib, vcpus or self.default_vcpus, tenant)
         else:
             pool.min_warm, pool.max_warm, pool.removed = min_warm, max_warm, False
             pool.mem_mib = mem_mib or pool.mem_mib
@@ -364,6 +392,17 @@ class PoolMachine:
         actions: list[Action] = []
         self._trim(pool, now, actions)
         self._dispatch(pool, now, actions)
+        self._refill(now, actions)
+        return actions
+
+    def set_quota(self, tenant: str, quota: Quota | None, now: float) -> list[Action]:
+        """Limit what `tenant` holds (None: no limits of its own). Takes nothing away:
+        a lower quota only refuses what would go over it from now on."""
+        if quota is None:
+            self._quotas.pop(tenant, None)
+        else:
+            self._quotas[tenant] = quota
+        actions: list[Action] = []
         self._refill(now, actions)
         return actions
 
@@ -406,11 +445,14 @@ class PoolMachine:
     # -- request inputs ------------------------------------------------------
 
     def acquire(self, template: str, now: float, lease_ttl: float | None,
-                idempotency_key: str | None, request_id: str) -> list[Action]:
-        """Ask for a running sandbox of `template` for `lease_ttl` seconds (None: no expiry).
+                idempotency_key: str | None, request_id: str, *,
+                tenant: str = DEFAULT_TENANT) -> list[Action]:
+        """Ask, as `tenant`, for a running sandbox of `template` for `lease_ttl` seconds (None: no expiry).
 
         The answer is a `Reply` or `Fail` naming `request_id`, now or after
-        later inputs. Raises InvalidArgument if `request_id` is still pending.
+        later inputs; another tenant's pool fails NotFound, a lease over the
+        tenant's ``max_sandboxes`` fails QuotaExceeded. Raises
+        InvalidArgument if `request_id` is still pending.
         """
         if request_id in self._requests:
             raise InvalidArgument(f"request id {request_id!r} is already pending")
@@ -419,20 +461,20 @@ class PoolMachine:
             actions.append(Fail(request_id, Unavailable("the pool service is draining")))
             return actions
         pool = self._pools.get(template)
-        if pool is None or pool.removed:
+        if pool is None or pool.removed or pool.tenant != tenant:
             actions.append(Fail(request_id, NotFound(f"no pool for template {template!r}")))
             return actions
         if lease_ttl is not None and not lease_ttl > 0:
             actions.append(Fail(request_id, InvalidArgument(f"lease_ttl must be > 0, got {lease_ttl}")))
             return actions
         if idempotency_key:
-            leased = self._leased_keys.get(idempotency_key)
+            leased = self._leased_keys.get((tenant, idempotency_key))
             if leased is not None:
                 sb = self._vms[leased]
                 if sb.lease_deadline is not None and sb.lease_deadline <= now:
                     self._destroy(sb, now, actions)  # expired, tick has not reaped it yet
                     leased = None
-            pending = self._pending_keys.get(idempotency_key)
+            pending = self._pending_keys.get((tenant, idempotency_key))
             other = (self._vms[leased].template if leased is not None
                      else pending.template if pending is not None else template)
             if other != template:
@@ -446,10 +488,18 @@ class PoolMachine:
                 pending.reply_to.append(request_id)
                 self._requests[request_id] = pending
                 return actions
-        claim = _Claim(template, lease_ttl, idempotency_key or None, [request_id])
+        quota = self._quotas.get(tenant)
+        if quota is not None and quota.max_sandboxes is not None:
+            leases = self._leases(tenant)
+            if leases >= quota.max_sandboxes:
+                actions.append(Fail(request_id, QuotaExceeded(
+                    f"tenant {tenant!r} is at its quota max_sandboxes={quota.max_sandboxes} "
+                    f"({leases} leased or being acquired)")))
+                return actions
+        claim = _Claim(template, lease_ttl, idempotency_key or None, [request_id], tenant)
         self._requests[request_id] = claim
         if claim.key:
-            self._pending_keys[claim.key] = claim
+            self._pending_keys[(tenant, claim.key)] = claim
         pool.waiters.append(claim)
         self._dispatch(pool, now, actions)
         self._refill(now, actions)
@@ -469,8 +519,8 @@ class PoolMachine:
         claim.reply_to.remove(request_id)
         if claim.reply_to:
             return actions
-        if claim.key and self._pending_keys.get(claim.key) is claim:
-            del self._pending_keys[claim.key]
+        if claim.key and self._pending_keys.get((claim.tenant, claim.key)) is claim:
+            del self._pending_keys[(claim.tenant, claim.key)]
         pool = self._pools[claim.template]
         if claim.vm_id is None:
             pool.waiters.remove(claim)
@@ -611,6 +661,8 @@ class PoolMachine:
             leased=pool.count(VmState.LEASED) + pool.count(VmState.RESUMING),
             restoring=pool.count(VmState.RESTORING),
             launches_total=pool.launches_total, failures_total=pool.failures_total,
+            tenant=pool.tenant,
+            mem_mib=sum(pool.count(s) for s in VmState) * pool.mem_mib,  # as the budget counts it
         )
 
     def waiting(self, template: str) -> int:
@@ -625,9 +677,22 @@ class PoolMachine:
             raise NotFound(f"no sandbox {vm_id!r}")
         return sb.record()
 
-    def sandboxes(self, template: str | None = None) -> list[SandboxRecord]:
+    def sandboxes(self, template: str | None = None, *, tenant: str | None = None) -> list[SandboxRecord]:
+        """Every sandbox, or one template's, or one tenant's (None: any)."""
         return [sb.record() for sb in self._vms.values()
-                if template is None or sb.template == template]
+                if (template is None or sb.template == template)
+                and (tenant is None or sb.tenant == tenant)]
+
+    def pool_tenant(self, template: str) -> str:
+        """Who owns the pool; raises NotFound."""
+        return self._live_pool(template).tenant
+
+    def quota(self, tenant: str) -> Quota | None:
+        return self._quotas.get(tenant)
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """``(leases, mem_mib)``: what counts against `tenant`'s quota now."""
+        return self._leases(tenant), self._tenant_mem.get(tenant, 0)
 
     def usage(self) -> HostUsage:
         return HostUsage(self._used_vms, self._used_mem, self._used_vcpus, self.budget)
@@ -664,11 +729,33 @@ class PoolMachine:
         sb.state, sb.state_since = state, now
 
     def _fits(self, pool: _Pool) -> bool:
+        return self._no_room(pool) is None
+
+    def _no_room(self, pool: _Pool) -> PoolError | None:
+        """Why another VM of `pool` may not start now (host budget, tenant quota); None: it may."""
         b = self.budget
         limit = b.vcpu_limit
-        return (self._used_vms + 1 <= b.max_vms
+        if not (self._used_vms + 1 <= b.max_vms
                 and self._used_mem + pool.mem_mib <= b.mem_limit_mib
-                and (limit is None or self._used_vcpus + pool.vcpus <= limit))
+                and (limit is None or self._used_vcpus + pool.vcpus <= limit)):
+            u = self.usage()
+            return ResourceExhausted(
+                f"host full: {u.vms}/{b.max_vms} VMs, {u.mem_mib}/{b.mem_limit_mib:g} MiB, "
+                f"{u.vcpus} vCPUs (template {pool.name!r} needs {pool.mem_mib} MiB, {pool.vcpus} vCPUs)")
+        quota = self._quotas.get(pool.tenant)
+        used = self._tenant_mem.get(pool.tenant, 0)
+        if quota is not None and quota.max_mem_mib is not None and used + pool.mem_mib > quota.max_mem_mib:
+            return QuotaExceeded(
+                f"tenant {pool.tenant!r} is at its quota max_mem_mib={quota.max_mem_mib} "
+                f"({used} MiB in its microVMs, template {pool.name!r} needs {pool.mem_mib} MiB)")
+        return None
+
+    def _leases(self, tenant: str) -> int:
+        """The tenant's LEASED and RESUMING sandboxes plus its acquires still waiting for one."""
+        waiting = {id(c) for c in self._requests.values() if c.tenant == tenant and c.vm_id is None}
+        held = sum(1 for sb in self._vms.values()
+                   if sb.tenant == tenant and sb.state in (VmState.LEASED, VmState.RESUMING))
+        return len(waiting) + held
 
     def _start_restore(self, pool: _Pool, now: float, claim: _Claim | None,
                        actions: list[Action]) -> None:
@@ -677,12 +764,13 @@ class PoolMachine:
             raise FailedPrecondition(f"id factory returned a live id {vm_id!r}")
         sb = _Sandbox(vm_id, pool.name, pool.mem_mib, pool.vcpus, VmState.RESTORING,
                       created_at=now, state_since=now, on_demand=claim is not None,
-                      for_claim=claim)
+                      tenant=pool.tenant, for_claim=claim)
         self._vms[vm_id] = sb
         pool.members[VmState.RESTORING][vm_id] = None
         self._used_vms += 1
         self._used_mem += sb.mem_mib
         self._used_vcpus += sb.vcpus
+        self._tenant_mem[sb.tenant] = self._tenant_mem.get(sb.tenant, 0) + sb.mem_mib
         actions.append(StartRestore(pool.name, vm_id, claim.reply_to[0] if claim else None))
 
     def _forget(self, sb: _Sandbox) -> None:
@@ -691,14 +779,20 @@ class PoolMachine:
         self._used_vms -= 1
         self._used_mem -= sb.mem_mib
         self._used_vcpus -= sb.vcpus
+        left = self._tenant_mem[sb.tenant] - sb.mem_mib
+        if left:
+            self._tenant_mem[sb.tenant] = left
+        else:
+            del self._tenant_mem[sb.tenant]
 
     def _forget_if_empty(self, pool: _Pool) -> None:
         if pool.removed and pool.empty() and self._pools.get(pool.name) is pool:
             del self._pools[pool.name]
 
     def _destroy(self, sb: _Sandbox, now: float, actions: list[Action]) -> None:
-        if sb.idempotency_key and self._leased_keys.get(sb.idempotency_key) == sb.vm_id:
-            del self._leased_keys[sb.idempotency_key]
+        key = (sb.tenant, sb.idempotency_key or "")
+        if sb.idempotency_key and self._leased_keys.get(key) == sb.vm_id:
+            del self._leased_keys[key]
         sb.lease_deadline = None
         self._move(sb, VmState.DESTROYING, now)
         actions.append(Destroy(sb.vm_id))
@@ -724,8 +818,8 @@ class PoolMachine:
             del self._requests[rid]
             actions.append(Fail(rid, error))
         claim.reply_to.clear()
-        if claim.key and self._pending_keys.get(claim.key) is claim:
-            del self._pending_keys[claim.key]
+        if claim.key and self._pending_keys.get((claim.tenant, claim.key)) is claim:
+            del self._pending_keys[(claim.tenant, claim.key)]
 
     def _lease(self, sb: _Sandbox, claim: _Claim, now: float, actions: list[Action]) -> None:
         self._move(sb, VmState.LEASED, now)
@@ -733,9 +827,10 @@ class PoolMachine:
         sb.lease_deadline = None if claim.lease_ttl is None else now + claim.lease_ttl
         if claim.key:
             sb.idempotency_key = claim.key
-            if self._pending_keys.get(claim.key) is claim:
-                del self._pending_keys[claim.key]
-            self._leased_keys[claim.key] = sb.vm_id
+            key = (claim.tenant, claim.key)
+            if self._pending_keys.get(key) is claim:
+                del self._pending_keys[key]
+            self._leased_keys[key] = sb.vm_id
         for rid in claim.reply_to:
             del self._requests[rid]
             actions.append(Reply(rid, sb.vm_id))
@@ -755,16 +850,12 @@ class PoolMachine:
         covered = pool.live_restores(self, refills_only=False)
         uncovered = list(itertools.islice(pool.waiters, covered, None))
         for claim in uncovered:
-            if self._fits(pool):
+            refusal = self._no_room(pool)
+            if refusal is None:
                 self._start_restore(pool, now, claim, actions)
             else:
                 pool.waiters.remove(claim)
-                u = self.usage()
-                self._fail_claim(claim, ResourceExhausted(
-                    f"host full: {u.vms}/{self.budget.max_vms} VMs, "
-                    f"{u.mem_mib}/{self.budget.mem_limit_mib:g} MiB, "
-                    f"{u.vcpus} vCPUs (template {pool.name!r} needs "
-                    f"{pool.mem_mib} MiB, {pool.vcpus} vCPUs)"), actions)
+                self._fail_claim(claim, refusal, actions)
 
     def _trim(self, pool: _Pool, now: float, actions: list[Action]) -> None:
         """Keep WARM + live refills <= max_warm: doom surplus refills, then destroy newest warm."""

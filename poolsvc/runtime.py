@@ -13,6 +13,7 @@ are on this clock, `to_wall` converts them to UNIX time).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -21,7 +22,16 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
-from poolsvc.api_types import DeadlineExceeded, NotFound, PoolError, PoolStatusInfo, Unavailable
+from poolsvc.api_types import (
+    DEFAULT_TENANT,
+    DeadlineExceeded,
+    NotFound,
+    PoolError,
+    PoolStatusInfo,
+    Quota,
+    Unavailable,
+)
+from poolsvc.metrics import RateMeter, ServiceMetrics
 from poolsvc.pool import (
     Action,
     Destroy,
@@ -63,6 +73,9 @@ class Launcher(Protocol):
     def alive(self, handle: Any) -> bool:
         """Is the microVM's VMM process still there?"""
 
+    def exit_cause(self, handle: Any) -> str:
+        """Why a dead microVM's VMM ended (e.g. ``killed by SIGSYS (seccomp)``, ``exit 1``)."""
+
 
 class PoolRuntime:
     """Drives a `PoolMachine` with a `Launcher`; the blocking API of the pool service.
@@ -81,6 +94,7 @@ class PoolRuntime:
         destroy_parallel: int = 2,
         tick_interval: float = 0.1,
         health_interval: float = 1.0,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._machine = machine
         self._launcher = launcher
@@ -103,6 +117,8 @@ class PoolRuntime:
         self._closed = False
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self._rates: dict[str, RateMeter] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -162,7 +178,8 @@ class PoolRuntime:
     def acquire(self, template: str, lease_ttl: float | None = None,
                 idempotency_key: str | None = None, *, deadline: float | None = None,
                 timeout: float | None = None,
-                cancelled: threading.Event | None = None) -> tuple[str, Any]:
+                cancelled: threading.Event | None = None,
+                tenant: str = DEFAULT_TENANT) -> tuple[str, Any]:
         """A running, leased sandbox of `template`: ``(vm_id, launcher handle)``.
 
         Waits until the pool answers, `deadline` (on this runtime's clock) or
@@ -174,13 +191,14 @@ class PoolRuntime:
             t = self._clock() + timeout
             deadline = t if deadline is None else min(deadline, t)
         rid = f"req-{next(self._request_ids)}"
+        started = self._clock()
         with self._cond:
             if not self._running:
                 raise Unavailable("the pool service is not running")
             self._waiting.add(rid)
             try:
                 self._execute(self._machine.acquire(template, self._clock(), lease_ttl,
-                                                    idempotency_key, rid))
+                                                    idempotency_key, rid, tenant=tenant))
                 while rid not in self._outcomes:
                     wait = None
                     if deadline is not None:
@@ -201,18 +219,28 @@ class PoolRuntime:
         if isinstance(outcome, PoolError):
             # One error object may answer several idempotent retries: raise a copy each.
             raise type(outcome)(*outcome.args)
+        with self._cond:
+            try:
+                source = "on_demand" if self._machine.sandbox(outcome[0]).on_demand else "warm"
+            except PoolError:
+                source = "warm"
+        self.metrics.handed_out(template, self._clock() - started, source)
         return outcome
 
     def release(self, vm_id: str) -> None:
         """Destroy the sandbox (NotFound if unknown); it is never handed out again."""
         with self._cond:
             self._execute(self._machine.release(vm_id, self._clock()))
+            template = next((r.template for r in self._machine.sandboxes() if r.vm_id == vm_id), None)
+        if template is not None:
+            self.metrics.released(template)
 
     def set_pool(self, template: str, min_warm: int, max_warm: int, *,
-                 mem_mib: int | None = None, vcpus: int | None = None) -> PoolStatusInfo:
+                 mem_mib: int | None = None, vcpus: int | None = None,
+                 tenant: str = DEFAULT_TENANT) -> PoolStatusInfo:
         with self._cond:
             self._execute(self._machine.set_pool(template, min_warm, max_warm, self._clock(),
-                                                 mem_mib=mem_mib, vcpus=vcpus))
+                                                 mem_mib=mem_mib, vcpus=vcpus, tenant=tenant))
             return self._machine.status(template)
 
     def remove_template(self, template: str) -> None:
@@ -226,15 +254,27 @@ class PoolRuntime:
 
     def status(self, template: str) -> PoolStatusInfo:
         with self._cond:
-            return self._machine.status(template)
+            return self._rated(self._machine.status(template))
 
     def statuses(self) -> list[PoolStatusInfo]:
         with self._cond:
-            return [self._machine.status(t) for t in self._machine.templates()]
+            return [self._rated(self._machine.status(t)) for t in self._machine.templates()]
 
-    def list(self, template: str | None = None) -> list[SandboxRecord]:
+    def _rated(self, st: PoolStatusInfo) -> PoolStatusInfo:
+        """`st` with its launch rate (lock held)."""
+        now = self._clock()
+        meter = self._rates.setdefault(st.template, RateMeter())
+        meter.observe(now, st.launches_total)
+        return dataclasses.replace(st, launch_rate=round(meter.rate(now), 3))
+
+    def list(self, template: str | None = None, tenant: str | None = None) -> list[SandboxRecord]:
         with self._cond:
-            return self._machine.sandboxes(template)
+            return self._machine.sandboxes(template, tenant=tenant)
+
+    def set_quota(self, tenant: str, quota: Quota | None) -> None:
+        """Limit what `tenant` holds (`PoolMachine.set_quota`)."""
+        with self._cond:
+            self._execute(self._machine.set_quota(tenant, quota, self._clock()))
 
     def get(self, vm_id: str) -> SandboxRecord:
         with self._cond:
@@ -308,12 +348,15 @@ class PoolRuntime:
     # -- workers (no lock held while calling the launcher) ----------------------
 
     def _do_restore(self, template: str, vm_id: str) -> None:
+        t0 = time.monotonic()
         try:
             handle = self._launcher.restore(template, vm_id)
         except Exception as exc:
             log.warning("restore failed", template=template, vm_id=vm_id, error=repr(exc))
+            self.metrics.restored(template, time.monotonic() - t0, False)
             self._feed(self._machine.restored, vm_id, False)
             return
+        self.metrics.restored(template, time.monotonic() - t0, True)
         with self._cond:
             self._handles[vm_id] = handle
             self._execute(self._machine.restored(vm_id, True, self._clock()))
@@ -344,6 +387,7 @@ class PoolRuntime:
         while not self._stop.wait(self._tick_interval):
             try:
                 self._feed(self._machine.tick)
+                self.statuses()  # samples every pool's launch counter for its rate
                 if time.monotonic() >= next_health:
                     self._health_check()
                     next_health = time.monotonic() + self._health_interval
@@ -352,10 +396,10 @@ class PoolRuntime:
 
     def _health_check(self) -> None:
         with self._cond:
-            targets = [(r.vm_id, self._handles.get(r.vm_id)) for r in self._machine.sandboxes()
+            targets = [(r.vm_id, r.template, self._handles.get(r.vm_id)) for r in self._machine.sandboxes()
                        if r.state in (VmState.WARM, VmState.LEASED)]
         dead = []
-        for vm_id, handle in targets:
+        for vm_id, template, handle in targets:
             if handle is None:
                 continue
             try:
@@ -364,7 +408,15 @@ class PoolRuntime:
                 log.warning("health check failed", vm_id=vm_id, error=repr(exc))
                 ok = False
             if not ok:
-                dead.append(vm_id)
-        for vm_id in dead:
-            log.warning("sandbox died", vm_id=vm_id)
+                dead.append((vm_id, template, handle))
+        for vm_id, template, handle in dead:
+            cause = "unknown"
+            exit_cause = getattr(self._launcher, "exit_cause", None)
+            if exit_cause is not None:
+                try:
+                    cause = exit_cause(handle)
+                except Exception as exc:  # the cause is only for the log and the metric
+                    log.info("exit cause unknown", vm_id=vm_id, error=repr(exc))
+            log.warning("sandbox died", vm_id=vm_id, template=template, cause=cause)
+            self.metrics.died(template, cause)
             self._feed(self._machine.vm_died, vm_id)

@@ -23,6 +23,19 @@ iterator as soon as the client cancels, and closes it (``close()`` runs the
 generator's cleanup) — so the command is killed by the backend, not left
 running.
 
+Authentication. With an `auth.Authenticator` (``ember serve`` always gives
+one) every call is authenticated before the backend sees it — the bearer
+token in the call's metadata, else (with ``mtls``) the verified client
+certificate's names — and the backend gets the resulting `auth.Caller` as
+``caller``; a request's admin-only ``tenant`` field turns it into the
+caller acting for that tenant (PERMISSION_DENIED for non-admins). Failures
+are UNAUTHENTICATED. Without one (an embedded server) the backend gets no
+``caller`` and ``tenant`` fields must be empty. Health checking and
+reflection need no credentials (they tell nothing about tenants).
+
+`start` serves plaintext, or TLS given ``tls`` (server credentials, see
+`auth.server_credentials`).
+
 `serve` builds the server with gRPC health checking (``grpc.health.v1``,
 SERVING for "" and for PoolService) and server reflection (``grpcurl
 -plaintext ADDR list`` works).
@@ -42,6 +55,8 @@ import grpc
 
 from . import proto
 from .api_types import (
+    PermissionDenied,
+    Unauthenticated,
     AlreadyExists,
     DeadlineExceeded,
     ExecChunk,
@@ -58,6 +73,7 @@ from .api_types import (
     TemplateState,
     Unavailable,
 )
+from .auth import Authenticator, Caller, peer_names
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +93,8 @@ _STATUS: dict[type[PoolError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 _SANDBOX_STATE_PB = {s: f"SANDBOX_STATE_{s.name}" for s in SandboxState}
@@ -94,6 +112,8 @@ class PoolBackend(Protocol):
 
     Every method takes ``deadline`` (a ``time.monotonic()`` instant, or None)
     and ``cancelled`` (set when the RPC ends); see the module docstring.
+    Served with an authenticator, every method also takes ``caller`` (an
+    `auth.Caller`), and must keep each tenant to what it owns.
     Requests arrive validated: names non-empty, counts in range, argv
     non-empty. Methods are called from several threads at once.
     """
@@ -217,7 +237,7 @@ def sandbox_to_pb(pb2: Any, info: SandboxInfo) -> Any:
         id=info.id, template=info.template,
         agent=pb2.AgentEndpoint(vsock_uds_path=info.vsock_uds_path, port=info.agent_port),
         network=pb2.NetworkInfo(ip_address=info.ip_address, tap=info.tap),
-        state=_SANDBOX_STATE_PB[info.state], metadata=dict(info.metadata))
+        state=_SANDBOX_STATE_PB[info.state], metadata=dict(info.metadata), tenant=info.tenant)
     if info.lease_deadline is not None:
         _timestamp(msg.lease_deadline, info.lease_deadline)
     return msg
@@ -226,7 +246,8 @@ def sandbox_to_pb(pb2: Any, info: SandboxInfo) -> Any:
 def template_to_pb(pb2: Any, info: TemplateInfo) -> Any:
     msg = pb2.Template(name=info.name, vcpus=info.vcpus, mem_mib=info.mem_mib,
                        state=_TEMPLATE_STATE_PB[info.state], kernel=info.kernel,
-                       rootfs=info.rootfs, initrd=info.initrd, boot_args=info.boot_args)
+                       rootfs=info.rootfs, initrd=info.initrd, boot_args=info.boot_args,
+                       tenant=info.tenant)
     _timestamp(msg.created, info.created)
     return msg
 
@@ -234,7 +255,8 @@ def template_to_pb(pb2: Any, info: TemplateInfo) -> Any:
 def pool_status_to_pb(pb2: Any, info: PoolStatusInfo) -> Any:
     return pb2.PoolStatus(template=info.template, min_warm=info.min_warm, max_warm=info.max_warm,
                           warm=info.warm, leased=info.leased, restoring=info.restoring,
-                          launches_total=info.launches_total, failures_total=info.failures_total)
+                          launches_total=info.launches_total, failures_total=info.failures_total,
+                          launch_rate=info.launch_rate, mem_mib=info.mem_mib, tenant=info.tenant)
 
 
 def exec_output_to_pb(pb2: Any, chunk: ExecChunk) -> Any:
@@ -256,9 +278,10 @@ def status_for(exc: PoolError) -> grpc.StatusCode:
 
 
 class _Call:
-    """The backend's view of one RPC: its deadline and its end."""
+    """The backend's view of one RPC: its deadline, its end and (with tenants) its caller."""
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: grpc.ServicerContext, caller: Caller | None = None) -> None:
+        self.caller = caller
         remaining = context.time_remaining()
         # No deadline reads as an enormous (or infinite) remaining time.
         if remaining is None or not math.isfinite(remaining) or remaining > 10 * 365 * 86400:
@@ -270,18 +293,35 @@ class _Call:
             self.cancelled.set()  # the RPC has already ended
 
     def kwargs(self) -> dict[str, Any]:
-        return {"deadline": self.deadline, "cancelled": self.cancelled}
+        kw: dict[str, Any] = {"deadline": self.deadline, "cancelled": self.cancelled}
+        if self.caller is not None:
+            kw["caller"] = self.caller
+        return kw
 
 
 class PoolServicer:
     """``ember.pool.v1.PoolService`` over a PoolBackend (method names are the RPCs')."""
 
-    def __init__(self, backend: PoolBackend) -> None:
+    def __init__(self, backend: PoolBackend, auth: Authenticator | None = None, *, mtls: bool = False) -> None:
+        """`auth`: authenticate every call (see the module docstring); `mtls`: client
+        certificates are verified by the TLS layer, so their names may authenticate."""
         self._backend = backend
+        self._auth = auth
+        self._mtls = mtls
         self._pb2, _ = proto.load()
 
     def __repr__(self) -> str:
-        return f"<PoolServicer backend={type(self._backend).__name__}>"
+        return f"<PoolServicer backend={type(self._backend).__name__} auth={self._auth!r} mtls={self._mtls}>"
+
+    def _call(self, context: grpc.ServicerContext, tenant: str = "") -> _Call:
+        """The RPC's `_Call`, its caller authenticated (acting for `tenant`, an admin-only field)."""
+        if self._auth is None:
+            if tenant:
+                raise InvalidArgument("this service has no tenants: leave `tenant` empty")
+            return _Call(context)
+        names = peer_names(context.auth_context() or {}) if self._mtls else []
+        caller = self._auth.authenticate(context.invocation_metadata() or (), names)
+        return _Call(context, caller.acting_for(tenant or None))
 
     def _run(self, context: grpc.ServicerContext, method: str, thunk: Callable[[], T]) -> T:
         """``thunk()``, its errors turned into the call's status (abort raises)."""
@@ -299,46 +339,48 @@ class PoolServicer:
 
     def Acquire(self, request: Any, context: grpc.ServicerContext) -> Any:
         def act() -> SandboxInfo:
+            call = self._call(context)
             template = _require(request.template, "template")
             ttl = _seconds(request, "lease_ttl", request.HasField("lease_ttl"))
             metadata = _string_map(request.metadata, "metadata")
             if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
                 raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
-            call = _Call(context)
             info = self._backend.acquire(template, lease_ttl=ttl, metadata=metadata,
                                          idempotency_key=request.idempotency_key or None,
                                          **call.kwargs())
             if not context.is_active() and not request.idempotency_key:
-                self._release_abandoned(info)
+                self._release_abandoned(info, call.caller)
             return info
         return sandbox_to_pb(self._pb2, self._run(context, "Acquire", act))
 
-    def _release_abandoned(self, info: SandboxInfo) -> None:
+    def _release_abandoned(self, info: SandboxInfo, caller: Caller | None) -> None:
         """The client left while we leased ``info``, and cannot retry for it: give it back."""
         log.info("Acquire of %s was cancelled after the lease: releasing %s", info.template, info.id)
         try:
-            self._backend.release(info.id, deadline=None, cancelled=threading.Event())
+            self._backend.release(info.id, deadline=None, cancelled=threading.Event(),
+                                  **({"caller": caller} if caller is not None else {}))
         except PoolError as exc:
             log.warning("releasing abandoned sandbox %s failed: %s", info.id, exc)
 
     def Release(self, request: Any, context: grpc.ServicerContext) -> Any:
         sandbox_id = request.id
         self._run(context, "Release", lambda: self._backend.release(
-            _require(sandbox_id, "id"), **_Call(context).kwargs()))
+            _require(sandbox_id, "id"), **self._call(context).kwargs()))
         return self._pb2.ReleaseResponse()
 
     def Get(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = self._run(context, "Get", lambda: self._backend.get(
-            _require(request.id, "id"), **_Call(context).kwargs()))
+            _require(request.id, "id"), **self._call(context).kwargs()))
         return sandbox_to_pb(self._pb2, info)
 
     def List(self, request: Any, context: grpc.ServicerContext) -> Any:
         infos = self._run(context, "List", lambda: self._backend.list_sandboxes(
-            request.template or None, **_Call(context).kwargs()))
+            request.template or None, **self._call(context).kwargs()))
         return self._pb2.ListResponse(sandboxes=[sandbox_to_pb(self._pb2, i) for i in infos])
 
     def Exec(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         def start() -> tuple[_Call, Iterator[ExecChunk]]:
+            call = self._call(context)
             sandbox_id = _require(request.id, "id")
             argv = list(request.argv)
             if not argv or not argv[0]:
@@ -347,7 +389,6 @@ class PoolServicer:
             if any("=" in k for k in env):
                 raise InvalidArgument("env has a key containing '='")
             timeout = _seconds(request, "timeout", request.HasField("timeout"))
-            call = _Call(context)
             chunks = self._backend.exec(sandbox_id, argv, stdin=request.stdin, env=env,
                                         timeout=timeout, **call.kwargs())
             return call, iter(chunks)
@@ -378,17 +419,17 @@ class PoolServicer:
 
     def CreateTemplate(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = self._run(context, "CreateTemplate", lambda: self._backend.create_template(
-            parse_template_spec(request), **_Call(context).kwargs()))
+            parse_template_spec(request), **self._call(context, request.tenant).kwargs()))
         return template_to_pb(self._pb2, info)
 
     def ListTemplates(self, request: Any, context: grpc.ServicerContext) -> Any:
         infos = self._run(context, "ListTemplates", lambda: self._backend.list_templates(
-            **_Call(context).kwargs()))
+            **self._call(context).kwargs()))
         return self._pb2.ListTemplatesResponse(templates=[template_to_pb(self._pb2, i) for i in infos])
 
     def DeleteTemplate(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._run(context, "DeleteTemplate", lambda: self._backend.delete_template(
-            _require(request.name, "name"), **_Call(context).kwargs()))
+            _require(request.name, "name"), **self._call(context, request.tenant).kwargs()))
         return self._pb2.DeleteTemplateResponse()
 
     # -- pools
@@ -396,17 +437,17 @@ class PoolServicer:
     def SetPool(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = self._run(context, "SetPool", lambda: self._backend.set_pool(
             *parse_set_pool(request.template, request.min_warm, request.max_warm),
-            **_Call(context).kwargs()))
+            **self._call(context, request.tenant).kwargs()))
         return pool_status_to_pb(self._pb2, info)
 
     def GetPoolStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = self._run(context, "GetPoolStatus", lambda: self._backend.pool_status(
-            _require(request.template, "template"), **_Call(context).kwargs()))
+            _require(request.template, "template"), **self._call(context, request.tenant).kwargs()))
         return pool_status_to_pb(self._pb2, info)
 
     def ListPools(self, request: Any, context: grpc.ServicerContext) -> Any:
         infos = self._run(context, "ListPools", lambda: self._backend.list_pools(
-            **_Call(context).kwargs()))
+            **self._call(context).kwargs()))
         return self._pb2.ListPoolsResponse(pools=[pool_status_to_pb(self._pb2, i) for i in infos])
 
 
@@ -416,10 +457,14 @@ def _raise(exc: Exception) -> Any:
 
 # ---- the server -----------------------------------------------------------------
 
-def start(backend: PoolBackend, listen_addr: str, *,
-          max_workers: int = 16) -> tuple[grpc.Server, int]:
+def start(backend: PoolBackend, listen_addr: str, *, max_workers: int = 16,
+          auth: Authenticator | None = None, tls: grpc.ServerCredentials | None = None,
+          mtls: bool = False) -> tuple[grpc.Server, int]:
     """Build and start the server; ``(server, bound port)`` (port 0 picks a free one).
 
+    `auth`: authenticate every PoolService call; `tls`: serve TLS with these
+    credentials (plaintext without); `mtls`: the credentials require and
+    verify client certificates, whose names may then authenticate callers.
     Health checking says SERVING for "" and for PoolService; stopping is the
     caller's: ``server.stop(grace)``.
     """
@@ -430,7 +475,7 @@ def start(backend: PoolBackend, listen_addr: str, *,
     # so_reuseport off: a second server on a taken port must fail, not share it.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=[("grpc.so_reuseport", 0)])
-    pb2_grpc.add_PoolServiceServicer_to_server(PoolServicer(backend), server)
+    pb2_grpc.add_PoolServiceServicer_to_server(PoolServicer(backend, auth, mtls=mtls and tls is not None), server)
     # Health Watch streams are long-lived: serve them off the request pool.
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
@@ -441,7 +486,7 @@ def start(backend: PoolBackend, listen_addr: str, *,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(listen_addr)
+        port = server.add_secure_port(listen_addr, tls) if tls is not None else server.add_insecure_port(listen_addr)
     except RuntimeError as exc:
         raise ServerError(f"{ServerError.__doc__} ({listen_addr}: {exc})") from exc
     if port == 0:
@@ -451,6 +496,8 @@ def start(backend: PoolBackend, listen_addr: str, *,
     return server, port
 
 
-def serve(backend: PoolBackend, listen_addr: str, *, max_workers: int = 16) -> grpc.Server:
+def serve(backend: PoolBackend, listen_addr: str, *, max_workers: int = 16,
+          auth: Authenticator | None = None, tls: grpc.ServerCredentials | None = None,
+          mtls: bool = False) -> grpc.Server:
     """Start PoolService (with health checking and reflection) on ``listen_addr``."""
-    return start(backend, listen_addr, max_workers=max_workers)[0]
+    return start(backend, listen_addr, max_workers=max_workers, auth=auth, tls=tls, mtls=mtls)[0]

@@ -18,6 +18,16 @@ to ``/run/ember/metadata.json`` before Acquire returns; the guest clock is
 stepped to the host's time by the agent in the background (best effort: the
 test guest's agent does not set clocks).
 
+Tenants (`poolsvc.auth`). Every method takes the servicer's ``caller``
+(None: the implicit default tenant, with every right). Templates live per
+tenant — the default tenant's in ``$EMBER_HOME/templates`` as before,
+another's in ``$EMBER_HOME/tenants/<tenant>/templates`` — and their pools
+are keyed by `auth.pool_key`, so a tenant acquires only clones of its own
+templates: template memory is shared copy-on-write only within a tenant.
+A sandbox, template or pool of another tenant is PERMISSION_DENIED (an
+admin may touch all); lists show only the caller's own (an admin's: all).
+Quotas: ``max_templates`` here, the rest in the pool machine.
+
 `serve_forever(...)` is `ember serve`: it cleans up what a crashed
 predecessor left in the run directory, starts the gRPC server, and on
 SIGTERM/SIGINT drains (destroys every microVM) and exits 0.
@@ -25,6 +35,7 @@ SIGTERM/SIGINT drains (destroys every microVM) and exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -37,7 +48,9 @@ from typing import Any
 import structlog
 
 from .agent import AgentClient, AgentError, AgentRequestFailed, Exit, Stderr, Stdout
+from .jailing import JailConfig
 from .api_types import (
+    DEFAULT_TENANT,
     AlreadyExists,
     DeadlineExceeded,
     ExecChunk,
@@ -46,12 +59,14 @@ from .api_types import (
     NotFound,
     PoolError,
     PoolStatusInfo,
+    QuotaExceeded,
     SandboxInfo,
     TemplateInfo,
     TemplateSpec,
     TemplateState,
     Unavailable,
 )
+from .auth import IMPLICIT_CALLER, TENANT_NAME_RE, Authenticator, Caller, ImplicitTenant, pool_key, split_pool_key
 from .launcher import (
     LaunchError,
     Launcher,
@@ -63,6 +78,9 @@ from .launcher import (
     ember_home,
 )
 from .launcher import TemplateInfo as StoredTemplate
+from .metrics import MetricsError, ServiceMetrics
+from .netslots import NetConfig, NetSlots
+from .netslots import cleanup_stale as cleanup_stale_slots
 from .pool import HostBudget, PoolMachine
 from .runtime import PoolRuntime
 
@@ -105,7 +123,8 @@ class ServiceConfig:
     """Where the service keeps its files and how big it may grow."""
 
     def __init__(self, home: Path | None = None, *, service_id: str = "default", budget: HostBudget | None = None,
-                 max_restoring: int = 4, default_boot_args_suffix: str = " ember.exit=idle") -> None:
+                 max_restoring: int = 4, default_boot_args_suffix: str = " ember.exit=idle",
+                 metrics_listen: str | None = None, network: NetConfig | None = None) -> None:
         self.home = home if home is not None else ember_home()
         self.service_id = service_id
         self.templates_dir = self.home / "templates"
@@ -113,6 +132,17 @@ class ServiceConfig:
         self.budget = budget if budget is not None else default_budget()
         self.max_restoring = max_restoring
         self.default_boot_args_suffix = default_boot_args_suffix
+        #: ``host:port`` of the Prometheus endpoint (`serve_forever` serves it); None: not served.
+        self.metrics_listen = metrics_listen
+        #: Network slots for sandboxes (`poolsvc.netslots`); None: sandboxes have no network.
+        self.network = network
+        #: Who may call (`poolsvc.auth`); None: the implicit default tenant, unauthenticated.
+        self.auth: Authenticator | None = None
+        #: TLS for the gRPC server (`auth.server_credentials`), and whether it verifies client certificates.
+        self.tls: Any = None
+        self.mtls = False
+        #: How every VMM is jailed (`poolsvc.jailing`); None (``ember serve --no-jail``): not jailed.
+        self.jail: JailConfig | None = JailConfig() if os.geteuid() == 0 else None
 
     def __repr__(self) -> str:
         return f"<ServiceConfig {self.home} id={self.service_id} {self.budget}>"
@@ -128,10 +158,26 @@ class PoolService:
         stale = cleanup_stale(config.run_dir)
         if stale:
             log.warning("cleaned up after a previous service", vms=len(stale))
-        self.store = TemplateStore(config.templates_dir)
-        self.launcher = Launcher(self.store, config.run_dir, service_id=config.service_id)
-        self.machine = PoolMachine(config.budget, max_restoring=config.max_restoring)
-        self.runtime = PoolRuntime(self.machine, self.launcher)
+        self.network: NetSlots | None = None
+        if config.network is not None:
+            self.network = NetSlots(config.service_id, config.network)
+            stale_slots = self.network.start()  # takes the service id's host lock, removes stale slots
+        else:
+            stale_slots = cleanup_stale_slots(config.service_id)
+        if stale_slots:
+            log.warning("removed a previous service's network slots", names=len(stale_slots))
+        self.store = TemplateStore(config.templates_dir, network=self.network)
+        self.auth: Authenticator = config.auth if config.auth is not None else ImplicitTenant()
+        self._stores: dict[str, TemplateStore] = {DEFAULT_TENANT: self.store}
+        self.launcher = Launcher(_TenantTemplates(self), config.run_dir, service_id=config.service_id,
+                                 jail=config.jail)
+        # Ids never repeat across restarts: a client of the crashed predecessor still holding
+        # its sb-000007 must not reach (or Release) this run's sb-000007 (bench/chaos.py).
+        self.machine = PoolMachine(config.budget, max_restoring=config.max_restoring,
+                                   id_prefix=f"sb-{os.urandom(3).hex()}-")
+        self.metrics = ServiceMetrics()
+        self.runtime = PoolRuntime(self.machine, self.launcher, metrics=self.metrics)
+        self.metrics.watch(self.runtime.statuses, self.runtime.usage)
         self._metadata: dict[str, dict[str, str]] = {}
         self._creating: set[str] = set()
         self._lock = threading.Lock()
@@ -141,8 +187,12 @@ class PoolService:
     def start(self) -> "PoolService":
         self.launcher.start()
         self.runtime.start()
-        for t in self.store.list():  # known templates get an (empty) pool: Acquire restores on demand
-            self.runtime.set_pool(t.name, 0, 0, mem_mib=t.mem_mib, vcpus=t.vcpus)
+        for tenant in self.auth.tenants():
+            self.runtime.set_quota(tenant.name, tenant.quota)
+        for tenant in self._tenant_names():  # known templates get an (empty) pool: Acquire restores on demand
+            for t in self._store(tenant).list():
+                self.runtime.set_pool(pool_key(tenant, t.name), 0, 0, mem_mib=t.mem_mib, vcpus=t.vcpus,
+                                      tenant=tenant)
         return self
 
     def shutdown(self, drain: bool = True) -> None:
@@ -151,15 +201,48 @@ class PoolService:
         if drain:
             self.launcher.destroy_all()
         self.launcher.close()
+        if self.network is not None:
+            self.network.close(destroy=drain)  # without a drain VMMs still use them: the next start cleans up
 
     def __repr__(self) -> str:
         return f"<PoolService {self.config.run_dir} {self.runtime!r}>"
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _template(self, name: str) -> StoredTemplate:
+    def _store(self, tenant: str) -> TemplateStore:
+        """`tenant`'s templates (the default tenant's: ``$EMBER_HOME/templates``)."""
+        with self._lock:
+            store = self._stores.get(tenant)
+            if store is None:
+                if not TENANT_NAME_RE.fullmatch(tenant):
+                    raise InvalidArgument(f"tenant {tenant!r} does not match {TENANT_NAME_RE.pattern}")
+                store = self._stores[tenant] = TemplateStore(self.config.home / "tenants" / tenant,
+                                                             network=self.network)
+            return store
+
+    def _tenant_names(self) -> list[str]:
+        """The default tenant, the configured ones and every tenant with a template directory."""
+        names = {DEFAULT_TENANT, *(t.name for t in self.auth.tenants())}
         try:
-            return self.store.get(name)
+            names.update(d for d in os.listdir(self.config.home / "tenants") if TENANT_NAME_RE.fullmatch(d))
+        except FileNotFoundError:
+            pass
+        return sorted(names)
+
+    def _owned(self, sandbox_id: str, caller: Caller | None) -> Any:
+        """The sandbox's record, if the caller may touch it: NotFound, PermissionDenied."""
+        record = self.runtime.get(sandbox_id)
+        (caller or IMPLICIT_CALLER).check_owner(record.tenant, f"sandbox {sandbox_id}")
+        return record
+
+    def _pool_view(self, status: PoolStatusInfo) -> PoolStatusInfo:
+        """A pool status as clients see it: the template's own name, its tenant."""
+        tenant, name = split_pool_key(status.template)
+        return dataclasses.replace(status, template=name, tenant=tenant)
+
+    def _template(self, name: str, tenant: str = DEFAULT_TENANT) -> StoredTemplate:
+        try:
+            return self._store(tenant).get(name)
         except TemplateNotFound:
             raise NotFound(f"no template named {name!r}") from None
         except TemplateError as exc:
@@ -170,9 +253,12 @@ class PoolService:
         handle = self.runtime.handle(vm_id)
         deadline = record.lease_deadline
         return SandboxInfo(
-            id=record.vm_id, template=record.template, state=record.api_state,
+            id=record.vm_id, template=split_pool_key(record.template)[1], state=record.api_state,
+            tenant=record.tenant,
             vsock_uds_path=str(handle.vsock_uds) if handle is not None else "",
             agent_port=handle.agent_port if handle is not None else 0,
+            ip_address=handle.net.address if handle is not None and handle.net is not None else "",
+            tap=handle.net.tap if handle is not None and handle.net is not None else "",
             lease_deadline=self.runtime.to_wall(deadline) if deadline is not None else None,
             metadata=dict(self._metadata.get(vm_id, {})))
 
@@ -194,12 +280,18 @@ class PoolService:
     # --- sandboxes -----------------------------------------------------------------------------
 
     def acquire(self, template: str, *, lease_ttl: float | None, metadata: Mapping[str, str],
-                idempotency_key: str | None, deadline: float | None, cancelled: threading.Event) -> SandboxInfo:
-        self._template(template)
-        vm_id, _handle = self.runtime.acquire(template, lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
-                                              idempotency_key, deadline=deadline, cancelled=cancelled)
+                idempotency_key: str | None, deadline: float | None, cancelled: threading.Event,
+                caller: Caller | None = None) -> SandboxInfo:
+        tenant = (caller or IMPLICIT_CALLER).tenant  # only the caller's own templates
+        self._template(template, tenant)
+        vm_id, _handle = self.runtime.acquire(pool_key(tenant, template),
+                                              lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
+                                              idempotency_key, deadline=deadline, cancelled=cancelled,
+                                              tenant=tenant)
         try:
             self._wait_for_agent(vm_id, deadline, cancelled)
+        except NotFound as exc:  # its VMM died while it was handed out: not "no such template"
+            raise Unavailable(f"sandbox {vm_id} died before it was ready; try again") from exc
         except PoolError:
             self._release_quietly(vm_id)
             raise
@@ -213,7 +305,10 @@ class PoolService:
         with self._lock:
             self._metadata.setdefault(vm_id, dict(metadata))
         threading.Thread(target=self._step_clock, args=(vm_id,), name="ember-clock-step", daemon=True).start()
-        return self._info(vm_id)
+        try:
+            return self._info(vm_id)
+        except NotFound as exc:
+            raise Unavailable(f"sandbox {vm_id} died before it was handed out; try again") from exc
 
     def _wait_for_agent(self, vm_id: str, deadline: float | None, cancelled: threading.Event) -> None:
         """Return once the resumed sandbox's agent answers a PING.
@@ -253,18 +348,28 @@ class PoolService:
         except PoolError:
             pass
 
-    def release(self, sandbox_id: str, *, deadline: float | None, cancelled: threading.Event) -> None:
+    def release(self, sandbox_id: str, *, deadline: float | None, cancelled: threading.Event,
+                caller: Caller | None = None) -> None:
+        self._owned(sandbox_id, caller)
         self.runtime.release(sandbox_id)
         with self._lock:
             self._metadata.pop(sandbox_id, None)
 
-    def get(self, sandbox_id: str, *, deadline: float | None, cancelled: threading.Event) -> SandboxInfo:
+    def get(self, sandbox_id: str, *, deadline: float | None, cancelled: threading.Event,
+            caller: Caller | None = None) -> SandboxInfo:
+        self._owned(sandbox_id, caller)
         return self._info(sandbox_id)
 
     def list_sandboxes(self, template: str | None, *, deadline: float | None,
-                       cancelled: threading.Event) -> Sequence[SandboxInfo]:
+                       cancelled: threading.Event, caller: Caller | None = None) -> Sequence[SandboxInfo]:
+        c = caller or IMPLICIT_CALLER
+        if c.admin:  # every tenant's; a template name picks that name in every tenant
+            records = [r for r in self.runtime.list()
+                       if template is None or split_pool_key(r.template)[1] == template]
+        else:
+            records = self.runtime.list(pool_key(c.tenant, template) if template else None, tenant=c.tenant)
         out = []
-        for record in self.runtime.list(template):
+        for record in records:
             try:
                 out.append(self._info(record.vm_id))
             except NotFound:
@@ -272,8 +377,9 @@ class PoolService:
         return out
 
     def exec(self, sandbox_id: str, argv: Sequence[str], *, stdin: bytes, env: Mapping[str, str],
-             timeout: float | None, deadline: float | None, cancelled: threading.Event) -> Iterator[ExecChunk]:
-        record = self.runtime.get(sandbox_id)
+             timeout: float | None, deadline: float | None, cancelled: threading.Event,
+             caller: Caller | None = None) -> Iterator[ExecChunk]:
+        record = self._owned(sandbox_id, caller)
         if record.api_state.value != "leased":
             raise FailedPrecondition(f"sandbox {sandbox_id} is not leased (it is {record.api_state.value})")
         io_timeout = self._remaining(deadline, 3600.0)
@@ -316,17 +422,26 @@ class PoolService:
                 "boot_args": boot_args, "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
 
     def create_template(self, spec: TemplateSpec, *, deadline: float | None,
-                        cancelled: threading.Event) -> TemplateInfo:
+                        cancelled: threading.Event, caller: Caller | None = None) -> TemplateInfo:
         args = self._defaults(spec)
+        tenant = (caller or IMPLICIT_CALLER).tenant
+        store, key = self._store(tenant), pool_key(tenant, spec.name)
+        quota = next((t.quota for t in self.auth.tenants() if t.name == tenant), None)
+        have = len(store.list()) if quota is not None and quota.max_templates is not None else 0
         with self._lock:
-            if spec.name in self._creating:
+            if key in self._creating:
                 raise AlreadyExists(f"template {spec.name!r} is being created")
-            self._creating.add(spec.name)
+            if quota is not None and quota.max_templates is not None:
+                creating = sum(1 for k in self._creating if split_pool_key(k)[0] == tenant)
+                if have + creating >= quota.max_templates:
+                    raise QuotaExceeded(f"tenant {tenant!r} is at its quota max_templates={quota.max_templates} "
+                                        f"({have} templates, {creating} being created)")
+            self._creating.add(key)
         try:
             stored = None
             for attempt in range(1, TEMPLATE_BOOT_ATTEMPTS + 1):
                 try:
-                    stored = self._boot_template(spec.name, args, deadline, cancelled)
+                    stored = self._boot_template(spec.name, args, deadline, cancelled, store=store)
                     break
                 except _AgentNeverStarted as exc:
                     log.warning("template boot: the agent never started; booting again", template=spec.name,
@@ -334,14 +449,14 @@ class PoolService:
             if stored is None:
                 raise FailedPrecondition(f"cannot create template {spec.name!r}: the guest agent did not start "
                                          f"in {TEMPLATE_BOOT_ATTEMPTS} boots")
-            self.runtime.set_pool(stored.name, 0, 0, mem_mib=stored.mem_mib, vcpus=stored.vcpus)
-            return _template_info(stored)
+            self.runtime.set_pool(key, 0, 0, mem_mib=stored.mem_mib, vcpus=stored.vcpus, tenant=tenant)
+            return _template_info(stored, tenant)
         finally:
             with self._lock:
-                self._creating.discard(spec.name)
+                self._creating.discard(key)
 
     def _boot_template(self, name: str, args: dict[str, Any], deadline: float | None,
-                       cancelled: threading.Event) -> StoredTemplate:
+                       cancelled: threading.Event, *, store: TemplateStore | None = None) -> StoredTemplate:
         """One boot of a template VM until its agent answers, then the snapshot.
 
         Raises `_AgentNeverStarted` when /init ran but no agent appeared within
@@ -373,9 +488,9 @@ class PoolService:
                 return False
 
         try:
-            return self.store.create(name, args["kernel"], args["rootfs"], args["initrd"], args["boot_args"],
-                                     args["vcpus"], args["mem_mib"], ready=ready, timeout=timeout,
-                                     poll_interval=0.5)
+            return (store or self.store).create(
+                name, args["kernel"], args["rootfs"], args["initrd"], args["boot_args"],
+                args["vcpus"], args["mem_mib"], ready=ready, timeout=timeout, poll_interval=0.5)
         except TemplateExists:
             raise AlreadyExists(f"template {name!r} exists") from None
         except TemplateError as exc:
@@ -385,42 +500,71 @@ class PoolService:
         except LaunchError as exc:
             raise FailedPrecondition(f"cannot create template {name!r}: {exc}") from exc
 
-    def list_templates(self, *, deadline: float | None, cancelled: threading.Event) -> Sequence[TemplateInfo]:
-        return [_template_info(t) for t in self.store.list()]
+    def list_templates(self, *, deadline: float | None, cancelled: threading.Event,
+                       caller: Caller | None = None) -> Sequence[TemplateInfo]:
+        c = caller or IMPLICIT_CALLER
+        tenants = self._tenant_names() if c.admin else [c.tenant]
+        return [_template_info(t, tenant) for tenant in tenants for t in self._store(tenant).list()]
 
-    def delete_template(self, name: str, *, deadline: float | None, cancelled: threading.Event) -> None:
-        self._template(name)
-        self.runtime.remove_template(name)
+    def delete_template(self, name: str, *, deadline: float | None, cancelled: threading.Event,
+                        caller: Caller | None = None) -> None:
+        tenant = (caller or IMPLICIT_CALLER).tenant
+        self._template(name, tenant)
+        self.runtime.remove_template(pool_key(tenant, name))
         try:
-            self.store.remove(name)
+            self._store(tenant).remove(name)
         except TemplateNotFound:
             raise NotFound(f"no template named {name!r}") from None
 
     # --- pools -------------------------------------------------------------------------------
 
     def set_pool(self, template: str, min_warm: int, max_warm: int, *, deadline: float | None,
-                 cancelled: threading.Event) -> PoolStatusInfo:
-        t = self._template(template)
+                 cancelled: threading.Event, caller: Caller | None = None) -> PoolStatusInfo:
+        tenant = (caller or IMPLICIT_CALLER).tenant
+        t = self._template(template, tenant)
         if min_warm > max_warm:
             raise InvalidArgument("min_warm is above max_warm")
-        return self.runtime.set_pool(template, min_warm, max_warm, mem_mib=t.mem_mib, vcpus=t.vcpus)
+        return self._pool_view(self.runtime.set_pool(pool_key(tenant, template), min_warm, max_warm,
+                                                     mem_mib=t.mem_mib, vcpus=t.vcpus, tenant=tenant))
 
-    def pool_status(self, template: str, *, deadline: float | None, cancelled: threading.Event) -> PoolStatusInfo:
-        self._template(template)
-        return self.runtime.status(template)
+    def pool_status(self, template: str, *, deadline: float | None, cancelled: threading.Event,
+                    caller: Caller | None = None) -> PoolStatusInfo:
+        tenant = (caller or IMPLICIT_CALLER).tenant
+        self._template(template, tenant)
+        return self._pool_view(self.runtime.status(pool_key(tenant, template)))
 
-    def list_pools(self, *, deadline: float | None, cancelled: threading.Event) -> Sequence[PoolStatusInfo]:
-        return self.runtime.statuses()
+    def list_pools(self, *, deadline: float | None, cancelled: threading.Event,
+                   caller: Caller | None = None) -> Sequence[PoolStatusInfo]:
+        c = caller or IMPLICIT_CALLER
+        return [self._pool_view(s) for s in self.runtime.statuses() if c.sees(s.tenant)]
 
 
-def _template_info(t: StoredTemplate) -> TemplateInfo:
+class _TenantTemplates:
+    """The launcher's template store: a pool key (`auth.pool_key`) names a template of that tenant."""
+
+    def __init__(self, service: PoolService) -> None:
+        self._service = service
+
+    def get(self, key: str) -> StoredTemplate:
+        tenant, name = split_pool_key(key)
+        return self._service._store(tenant).get(name)
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (e.g. `network`) is the same for every tenant: the default store's.
+        return getattr(self._service.store, name)
+
+    def __repr__(self) -> str:
+        return f"<TenantTemplates {self._service.config.home}>"
+
+
+def _template_info(t: StoredTemplate, tenant: str = DEFAULT_TENANT) -> TemplateInfo:
     try:
         created = time.mktime(time.strptime(t.created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
     except (ValueError, TypeError):
         created = 0.0
     return TemplateInfo(name=t.name, state=TemplateState.READY, vcpus=t.vcpus, mem_mib=t.mem_mib, created=created,
                         kernel=t.kernel, rootfs=str(t.rootfs_path or ""), initrd=t.initrd or "",
-                        boot_args=t.boot_args)
+                        boot_args=t.boot_args, tenant=tenant)
 
 
 def serve_forever(listen: str, config: ServiceConfig) -> int:
@@ -436,13 +580,23 @@ def serve_forever(listen: str, config: ServiceConfig) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            server, port = start(service, listen)
+            server, port = start(service, listen, auth=service.auth, tls=config.tls, mtls=config.mtls)
         except ServerError as exc:
             log.error("cannot listen", addr=listen, error=str(exc))
             service.shutdown(drain=True)
             return 1
+        metrics_addr = None
+        if config.metrics_listen:
+            try:
+                host, mport = service.metrics.serve(config.metrics_listen)
+                metrics_addr = f"{host}:{mport}"
+            except MetricsError as exc:
+                log.error("cannot serve metrics", addr=config.metrics_listen, error=str(exc))
+                server.stop(grace=0)
+                service.shutdown(drain=True)
+                return 1
         print(json.dumps({"event": "listening", "addr": listen, "port": port, "pid": os.getpid(),
-                          "run_dir": str(config.run_dir)}), flush=True)
+                          "run_dir": str(config.run_dir), "metrics": metrics_addr}), flush=True)
         log.info("ember pool service listening", addr=listen, port=port, run_dir=str(config.run_dir))
         while not stop.wait(0.5):
             pass
@@ -451,5 +605,6 @@ def serve_forever(listen: str, config: ServiceConfig) -> int:
         service.shutdown(drain=True)
         return 0
     finally:
+        service.metrics.close()
         for s, h in previous.items():
             signal.signal(s, h)

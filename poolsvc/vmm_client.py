@@ -240,8 +240,9 @@ class VmmClient:
 
     def load_snapshot(self, snapshot_path: str, mem_file_path: str, *, resume_vm: bool = False,
                       vsock_uds_path: str | None = None,
-                      drive_overrides: dict[str, str] | None = None) -> None:
-        """``PUT /snapshot/load`` with the File memory backend, a vsock override and drive overrides."""
+                      drive_overrides: dict[str, str] | None = None,
+                      network_overrides: dict[str, str] | None = None) -> None:
+        """``PUT /snapshot/load`` with the File memory backend, a vsock override, drive and TAP overrides."""
         body: dict[str, Any] = {"snapshot_path": snapshot_path,
                                 "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
                                 "resume_vm": resume_vm}
@@ -249,4 +250,6 @@ class VmmClient:
             body["vsock_override"] = {"uds_path": vsock_uds_path}
         if drive_overrides:
             body["drive_overrides"] = [{"drive_id": k, "path_on_host": v} for k, v in drive_overrides.items()]
+        if network_overrides:
+            body["network_overrides"] = [{"iface_id": k, "host_dev_name": v} for k, v in network_overrides.items()]
         self.put("/snapshot/load", body)

@@ -4,7 +4,7 @@ VENV="${EMBER_VENV:-$PWD/.venv}"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Host packages Ember itself needs (the guest image build installs its own).
-HOST_PACKAGES=(python3 python3-venv python3-dev gcc make libffi-dev iproute2 e2fsprogs busybox-static cpio acpica-tools)
+HOST_PACKAGES=(python3 python3-venv python3-dev gcc make libffi-dev iproute2 e2fsprogs busybox-static cpio acpica-tools nftables conntrack util-linux libseccomp2)
 
 ensure_host_packages() {
     if [ "$(id -u)" != 0 ]; then

@@ -14,19 +14,28 @@ that only executes API requests; then it runs the microVM's event loop
 
 Exit status: 0 when the guest reboots or powers off, 1 when the VMM fails
 (with a one-line reason on stderr), 2 for bad command-line arguments, 143
-on SIGTERM.
+on SIGTERM. A thread that makes a system call outside its seccomp filter
+kills the process with SIGSYS (docs/seccomp.md; `--no-seccomp` runs
+without filters).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 from vmm import __version__
+
+if TYPE_CHECKING:
+    from jailer import ImportWatch, JailSpec
+    from vmm.runtime import Vmm
 
 # Captured as early as possible: --boot-timer measures from here unless the
 # caller (a jailer, the pool service) passes its own start instants.
@@ -78,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-path", metavar="PATH", help="file or named pipe for JSON metrics lines")
     p.add_argument("--boot-timer", action="store_true",
                    help="log Guest-boot-time when the guest writes the boot-complete magic")
+    seccomp_flags = p.add_mutually_exclusive_group()
+    seccomp_flags.add_argument("--no-seccomp", action="store_true",
+                               help="run without seccomp filters (not recommended)")
+    seccomp_flags.add_argument("--seccomp-filter", metavar="FILE",
+                               help="custom seccomp filters, a Firecracker seccompiler JSON file with the "
+                                    "vmm, api and vcpu filters (default: Ember's built-in filters, see "
+                                    "docs/seccomp.md)")
     p.add_argument("--start-time-us", type=int, help="process start, monotonic µs (from a jailer)")
     p.add_argument("--start-time-cpu-us", type=int, help="process start, CPU µs (from a jailer)")
     p.add_argument("--boot-protocol", choices=("auto", "linux", "pvh"), default="linux",
@@ -89,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rip-profile", metavar="PATH",
                    help="(Ember) sample each vCPU's RIP every --rip-profile-interval-ms and write them to PATH")
     p.add_argument("--rip-profile-interval-ms", type=float, default=10.0)
+    p.add_argument("--snapshot-key-file", metavar="PATH",
+                   help="(Ember) 32-byte snapshot key, read at startup: snapshots are signed on create and "
+                        "must be authentic on load (default: $EMBER_SNAPSHOT_KEY_FILE; none: unsigned, as "
+                        "in Firecracker)")
+    p.add_argument("--jail", metavar="SPEC",
+                   help="(Ember, from ember-jailer) enter the jail described by this JSON file once everything "
+                        "is imported and --log-path, --metrics-path and --snapshot-key-file are open; every "
+                        "other path (API socket, config file, metadata, drives, snapshots) is inside the jail")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -98,11 +122,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, jail: JailSpec | None = None) -> int:
+    """Run the VMM with command-line `argv`; `jail`: enter that jail (as ``--jail`` does; the zygote)."""
     args = build_parser().parse_args(argv)
     if args.version:
         print(f"ember-vmm v{__version__}")
         return 0
+    from vmm.procname import name_process
+    name_process(args.id, list(sys.argv[1:] if argv is None else argv))
 
     from vmm.logger import LOGGER, LoggerError, configure_logging, fatal
     LOGGER.instance_id = args.id
@@ -161,7 +188,34 @@ def main(argv: list[str] | None = None) -> int:
     restore = functools.partial(
         build_from_snapshot, instance_id=args.id,
         console_in=sys.stdin.fileno() if _stdin_usable() else None, console_out=sys.stdout.fileno())
-    controller = VmmController(boot=boot, restore=restore, instance_id=args.id, metrics=metrics, mmds=mmds)
+    # Read now: the VMM may later run where the key file cannot be reached (a jail).
+    snapshot_key = None
+    key_file = args.snapshot_key_file or os.environ.get("EMBER_SNAPSHOT_KEY_FILE")
+    if key_file:
+        from snapshot.auth import KeyFileError, load_key_file
+        try:
+            snapshot_key = load_key_file(key_file)
+        except KeyFileError as exc:
+            fatal(f"cannot use the snapshot key: {exc}")
+            return 1
+    controller = VmmController(boot=boot, restore=restore, instance_id=args.id, metrics=metrics, mmds=mmds,
+                               snapshot_key=snapshot_key)
+
+    # Compiled (libseccomp) before a jail hides the library; installed by each thread.
+    from vmm import seccomp
+    try:
+        seccomp_filters = seccomp.filters_from_flags(no_seccomp=args.no_seccomp, filter_file=args.seccomp_filter)
+    except seccomp.SeccompError as exc:
+        fatal(f"cannot use the seccomp filters: {exc}")
+        return 1
+    if seccomp_filters is not None:
+        preload()  # a filtered thread cannot import: imports list directories and map code
+    seccomp.configure(seccomp_filters)
+
+    if jail is not None or args.jail:
+        # Past this point only the jail's files can be opened, and nothing may be imported.
+        if not enter_jail(jail if jail is not None else args.jail):
+            return 1
 
     if args.metadata:
         try:
@@ -211,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             from vmm.vstate.vm import prepare_shell
             prepare_shell()
             prepare_uffd()
+            if seccomp_filters is not None:
+                probe_msrs()
 
         if actions is not None:
             error = controller.apply(actions)
@@ -231,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             vmm.start_rip_profiler(args.rip_profile, args.rip_profile_interval_ms / 1000)
         flusher = PeriodicFlush(metrics.flush, channel.post)
         flusher.start()
+        if seccomp_filters is not None:
+            probe_msrs()
+            # Runs on the loop's first turn: `vmm.run()` has started the vCPU threads by then,
+            # so they do not inherit the vmm filter (filters stack as an intersection).
+            channel.post(functools.partial(_install_vmm_filter, vmm))
         exit_ = vmm.run()
         return exit_.exit_code
     finally:
@@ -241,6 +302,95 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         metrics.flush()
         metrics.close()
+
+
+def probe_msrs() -> None:
+    """Probe (once per process) the MSRs a snapshot saves: it takes a scratch VM, which the
+    vmm seccomp filter forbids (no KVM_CREATE_VM). Errors are left for the snapshot to report."""
+    from vmm.kvm import Kvm, KvmError
+    from vmm.vstate.persist import msrs_to_save
+    try:
+        kvm = Kvm()
+    except KvmError:
+        return
+    try:
+        msrs_to_save(kvm)
+    except KvmError:
+        pass
+    finally:
+        kvm.close()
+
+
+def _install_vmm_filter(vmm: Vmm) -> None:
+    """Put the main thread under the vmm seccomp filter; stop the microVM if that fails."""
+    from vmm import seccomp
+    from vmm.vstate.vcpu import ExitKind, VmExit
+    try:
+        seccomp.install_thread_filter(seccomp.Role.VMM)
+    except seccomp.SeccompError as exc:
+        vmm.request_exit(VmExit(ExitKind.ERROR, f"cannot install the vmm seccomp filter: {exc}", -1))
+
+
+def preload() -> None:
+    """Import every module a VMM may need while it runs (the zygote and a jailed VMM call this).
+
+    `main` and the modules under it import some modules lazily (inside
+    functions); in a jail the library directories are gone, so all of them
+    must be loaded before `enter_jail`. The list is proven complete by
+    tests/integration/test_jailer.py (a jailed VMM boots, snapshots and
+    restores with `ImportWatch` on, and no import is seen).
+    """
+    import vmm.api  # noqa: F401
+    import vmm.builder  # noqa: F401
+    import vmm.config  # noqa: F401
+    import vmm.logger  # noqa: F401
+    import vmm.metrics  # noqa: F401
+    import vmm.mmds  # noqa: F401
+    import vmm.persist  # noqa: F401
+    import vmm.procname  # noqa: F401
+    import vmm.vstate.persist  # noqa: F401
+    import vmm.vstate.vm  # noqa: F401
+
+
+def _pin_host_facts() -> None:
+    """Facts the VMM reads from the host's /sys at boot, read now: the jail has no /sys."""
+    from vmm.arch import x86_64 as arch
+    pvm_host = arch.is_pvm_host()
+
+    def is_pvm_host(sysfs: str = "/sys") -> bool:
+        return pvm_host
+    arch.is_pvm_host = is_pvm_host  # type: ignore[assignment]
+
+
+#: Watches for modules imported after the jail was entered (each one is also logged as an error).
+LATE_IMPORTS: ImportWatch | None = None
+
+
+def enter_jail(spec: JailSpec | str) -> bool:
+    """Preload every module, enter the jail `spec` (or the spec file at that path), watch for late imports.
+
+    False (with the reason logged) if the jail could not be entered.
+    """
+    global LATE_IMPORTS
+    import structlog
+
+    from jailer import ImportWatch, JailError, JailSpec, enter
+    from vmm.logger import fatal
+    try:
+        if isinstance(spec, str):
+            with open(spec) as f:
+                spec = JailSpec.from_json(json.load(f))
+        preload()
+        _pin_host_facts()
+        report = enter(spec)
+    except (OSError, ValueError, JailError) as exc:
+        fatal(f"cannot enter the jail: {exc}")
+        return False
+    log = structlog.get_logger("vmm.main")
+    LATE_IMPORTS = ImportWatch(lambda name: log.error("module imported inside the jail", module=name))
+    LATE_IMPORTS.start()
+    log.info("jail entered", **report)
+    return True
 
 
 def _stdin_usable() -> bool:

@@ -15,13 +15,22 @@ one JSON object per line and gets one JSON object per line back, in order:
 * spawn (``"op": "spawn"`` may be omitted)::
 
     {"argv": ["--api-sock", "/run/vm7/api.sock", "--id", "vm7"],
-     "stdin": path|null, "stdout": path|null, "stderr": path|null, "cwd": path|null}
+     "stdin": path|null, "stdout": path|null, "stderr": path|null, "cwd": path|null,
+     "netns": path|null}
     -> {"ok": true, "pid": 4242}
 
   `argv` are `vmm.main`'s arguments. stdin defaults to /dev/null (a FIFO
   path is opened read-write, so opening it never blocks and the VMM never
   reads end-of-file); stdout and stderr are opened for appending (created
-  0600), /dev/null when null.
+  0600), /dev/null when null. `netns` (e.g. ``/run/netns/ember-default-3``):
+  the child joins that network namespace (setns) before the VMM starts, so
+  the TAPs it opens are that namespace's.
+  ``"jail": {...}`` (a `jailer.JailSpec` as JSON, prepared by the caller):
+  the child enters that jail (`vmm.main.enter_jail`) before the VMM runs;
+  paths in `argv` are then paths inside the jail. With ``new_pid_ns`` the
+  child unshares its PID namespace and forks once more: the answer's pid is
+  that grandchild's (pid 1 of its namespace, re-parented to the zygote, a
+  child subreaper, which reaps it and answers `wait` for it).
 * wait: ``{"op": "wait", "pid": N, "timeout": S}`` ->
   ``{"ok": true, "pid": N, "state": "exited", "returncode": RC}`` once the
   child has been reaped (RC is negative for a signal, as in `subprocess`;
@@ -69,6 +78,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+# structlog renders exceptions with `rich` (and colours with `colorama`) when they are
+# installed; a VMM never does (its logs are Firecracker's format), and importing them would
+# add ~5.5 MiB to the heap every child maps. A None entry makes their import fail cleanly.
+for _unused in ("rich", "colorama"):
+    sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
+
+from jailer import JailSpec, fork_into_new_pid_ns
+from jailer import _sys as jail_sys
+
 # Everything `vmm.main.main` imports lazily, imported here once for every child.
 import vmm.api  # noqa: F401
 import vmm.builder  # noqa: F401
@@ -77,8 +95,12 @@ import vmm.logger  # noqa: F401
 import vmm.main as vmm_main
 import vmm.metrics  # noqa: F401
 import vmm.mmds  # noqa: F401
+import vmm.procname  # noqa: F401
 import vmm.persist  # noqa: F401
+import vmm.seccomp
 from vmm.vstate.vm import prepare_shell
+
+vmm_main.preload()  # the list a jailed VMM loads before entering its jail (one list for both)
 
 __all__ = ["Zygote", "ZygoteError", "SpawnRequest", "MAX_EXIT_RECORDS", "CHILD_NAME", "main"]
 
@@ -94,10 +116,13 @@ SEND_TIMEOUT = 2.0
 LOOP_TICK = 1.0
 
 PR_SET_NAME = 15  # <linux/prctl.h>
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
 
 
 class ZygoteError(Exception):
@@ -113,11 +138,15 @@ class SpawnRequest:
     stdout: str | None = None
     stderr: str | None = None
     cwd: str | None = None
+    #: A network namespace file the child joins before running the VMM.
+    netns: str | None = None
+    #: The jail the child enters before running the VMM.
+    jail: JailSpec | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SpawnRequest:
         """Validate untrusted `doc` (unknown keys are refused)."""
-        known = {"op", "argv", "stdin", "stdout", "stderr", "cwd"}
+        known = {"op", "argv", "stdin", "stdout", "stderr", "cwd", "netns", "jail"}
         unknown = set(doc) - known
         if unknown:
             raise ZygoteError(f"unknown fields in spawn request: {', '.join(sorted(unknown))}")
@@ -125,12 +154,18 @@ class SpawnRequest:
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise ZygoteError("argv must be a list of strings")
         paths: dict[str, str | None] = {}
-        for key in ("stdin", "stdout", "stderr", "cwd"):
+        for key in ("stdin", "stdout", "stderr", "cwd", "netns"):
             value = doc.get(key)
             if value is not None and (not isinstance(value, str) or not value or "\0" in value):
                 raise ZygoteError(f"{key} must be a path or null")
             paths[key] = value
-        return cls(argv=tuple(argv), **paths)
+        jail = None
+        if doc.get("jail") is not None:
+            try:
+                jail = JailSpec.from_json(doc["jail"])
+            except ValueError as exc:
+                raise ZygoteError(f"invalid jail: {exc}") from exc
+        return cls(argv=tuple(argv), **paths, jail=jail)
 
 
 @dataclass
@@ -188,6 +223,8 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up fd does the work
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        # Jailed VMMs in their own PID namespace are grandchildren: re-parented here, reaped here.
+        jail_sys.set_child_subreaper()
         try:
             self._reap()
             while not self._stopping:
@@ -379,6 +416,8 @@ class Zygote:
         """Fork a child that runs ``vmm.main.main(req.argv)``; its pid."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # nothing buffered may be written twice
+        if req.jail is not None and req.jail.new_pid_ns:
+            return self._spawn_in_pid_ns(req)
         try:
             # SAFETY: fork from a single-threaded process (the zygote never starts a thread), so
             # no lock is held by a thread that would not exist in the child.
@@ -406,6 +445,54 @@ class Zygote:
         self.children.add(pid)
         return pid
 
+    def _spawn_in_pid_ns(self, req: SpawnRequest) -> int:
+        """Fork a child that forks the VMM into a new PID namespace, tells us its pid and exits."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # SAFETY: as in `spawn`: the zygote is single-threaded.
+            pid = os.fork()
+        except OSError as exc:
+            os.close(r)
+            os.close(w)
+            raise ZygoteError(f"fork failed: {exc}") from exc
+        if pid == 0:
+            rc = 1
+            try:
+                os.close(r)
+                vmm_pid = fork_into_new_pid_ns()
+                if vmm_pid != 0:
+                    os.write(w, str(vmm_pid).encode())
+                    os._exit(0)
+                os.close(w)
+                rc = self._child(req)
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - the child must end in os._exit, whatever happened
+                try:
+                    traceback.print_exc()
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except BaseException:  # noqa: BLE001
+                        pass
+                os._exit(rc & 0xFF if rc >= 0 else 1)
+        os.close(w)
+        data = b""
+        try:
+            while chunk := os.read(r, 32):
+                data += chunk
+        finally:
+            os.close(r)
+            os.waitpid(pid, 0)  # the intermediate child exits as soon as it has written
+        if not data.isdigit():
+            raise ZygoteError("could not fork the VMM into a new PID namespace")
+        vmm_pid = int(data)
+        self.children.add(vmm_pid)
+        return vmm_pid
+
     def _close_inherited(self) -> None:
         """In the child: close every fd of the zygote's (sockets, selector, wake-up pipe)."""
         signal.set_wakeup_fd(-1)
@@ -429,14 +516,32 @@ class Zygote:
         # 16-byte zero-filled buffer holding the 9-byte name, alive (a local) for the whole call.
         _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
         _redirect_stdio(req)
+        if req.netns is not None:
+            _enter_netns(req.netns)
         if req.cwd is not None:
             os.chdir(req.cwd)
         # The VMM process starts now, not when the zygote imported vmm.main.
         vmm_main._START_WALL_NS = time.monotonic_ns()
         vmm_main._START_CPU_NS = time.process_time_ns()
         sys.argv = ["ember-vmm", *req.argv]
+        if req.jail is not None:
+            # The VMM creates its KVM VM (prepare_shell) itself, inside the jail and its cgroup.
+            return vmm_main.main(list(req.argv), jail=req.jail)
         prepare_shell()  # KVM VMs belong to the process that creates them: after the fork
         return vmm_main.main(list(req.argv))
+
+
+def _enter_netns(path: str) -> None:
+    """Move this (single-threaded, just forked) process into the network namespace file `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # SAFETY: setns takes an fd and a flag by value, no memory. The forked child has one
+        # thread, so the whole process (and every thread the VMM starts later) is in the namespace.
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise ZygoteError(f"cannot join network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _open_output(path: str | None) -> int:
@@ -472,6 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     except ZygoteError as exc:
         print(f"vmm.zygote: {exc}", file=sys.stderr)
         return 1
+    # Once for every child: the built-in seccomp filters compiled, the MSRs a snapshot saves
+    # probed (host facts; a child's filtered VMM thread could not create the probe's VM).
+    try:
+        vmm.seccomp.filters_from_flags(no_seccomp=False, filter_file=None)
+    except vmm.seccomp.SeccompError:
+        pass  # each child reports it
+    vmm_main.probe_msrs()
     # Every object made so far (modules, functions, the zygote) goes to the permanent
     # generation: no collection in a child writes to those shared pages.
     gc.collect()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -25,15 +26,20 @@ def free_port() -> int:
 
 
 class Service:
-    """`python -m poolsvc.cli serve` on a free port; `stub` is a PoolService stub."""
+    """`python -m poolsvc.cli serve` on a free port; `stub` is a PoolService stub.
 
-    def __init__(self, home: Path, *extra: str) -> None:
+    `connect(addr)` makes the stub's channel (default: plaintext), e.g. a TLS
+    channel with a token from `poolsvc.auth.client_channel`.
+    """
+
+    def __init__(self, home: Path, *extra: str, connect: Callable[[str], grpc.Channel] | None = None) -> None:
         self.home = home
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.env = dict(os.environ, EMBER_HOME=str(home), PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         self.log = open(home / f"serve-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "serve", "--listen", self.addr, *extra],
+        self.proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "serve", "--listen", self.addr,
+                                      "--metrics-listen", "127.0.0.1:0", *extra],
                                      cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self.log,
                                      start_new_session=True)
         line = self.proc.stdout.readline().decode()
@@ -41,8 +47,9 @@ class Service:
             self.kill()
             raise AssertionError(f"ember serve did not start: {line!r}\n{self.logs()}")
         self.run_dir = Path(json.loads(line)["run_dir"])
+        self.metrics_addr = json.loads(line)["metrics"]
         self.pb2, pb2_grpc = proto.load()
-        self.channel = grpc.insecure_channel(self.addr)
+        self.channel = connect(self.addr) if connect is not None else grpc.insecure_channel(self.addr)
         self.stub = pb2_grpc.PoolServiceStub(self.channel)
 
     def logs(self) -> str:

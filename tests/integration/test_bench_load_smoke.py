@@ -67,7 +67,8 @@ def service() -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
     home = tempfile.mkdtemp(prefix="ebl-")  # short: socket paths live under it
     addr = f"127.0.0.1:{_free_port()}"
     log = open(Path(home) / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "serve", "--listen", addr],
+    proc = subprocess.Popen([sys.executable, "-m", "poolsvc.cli", "serve", "--listen", addr,
+                             "--metrics-listen", "127.0.0.1:0"],
                             cwd=REPO_ROOT, env=_env(home), stdout=subprocess.PIPE, stderr=log)
     run_dir = str(Path(home) / "run" / "default")
     try:

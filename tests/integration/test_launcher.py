@@ -160,6 +160,8 @@ def test_three_clones_forked_by_the_zygote_run_on_their_own(launcher) -> None:
     zygote_sockets = _socket_inodes(zpid)
     for h in clones:
         assert Path(f"/proc/{h.pid}/comm").read_text().strip() == "ember-vmm"
+        cmdline = Path(f"/proc/{h.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert cmdline.startswith(f"ember-vmm --id {h.vm_id} --api-sock {h.api_sock}"), cmdline
         assert _ppid(h.pid) == zpid and os.getsid(h.pid) == h.pid  # forked by the zygote, own session
         assert not (_socket_inodes(h.pid) & zygote_sockets)  # no listener or client connection inherited
         assert VmmClient(h.api_sock).describe_instance()["state"] == "Paused"
@@ -277,7 +279,9 @@ def test_cleanup_stale_kills_a_leftover_vmm_and_spares_other_processes(launcher)
         assert not found["s1"].killed and bystander.poll() is None
         assert found["s2"].pid is None
         assert _gone(h.pid, h.start_time)
-        assert os.listdir(crashed.root) == ["zygote.log"]
+        # Only the zygote's log may remain, and only when something was written to it.
+        left = os.listdir(crashed.root)
+        assert left == [] or (left == ["zygote.log"] and (crashed.root / "zygote.log").stat().st_size > 0), left
     finally:
         bystander.kill()
         bystander.wait()

@@ -7,14 +7,25 @@ sandboxes are acquired with different metadata and checked through Exec:
 `echo hi`, isolation (a file written in one's tmpfs is absent in the other),
 different RNG output (VMGenID reseeds each clone), each sees its own
 metadata, and Release ends the VMM process.
+
+The service runs with network slots (`--net-cidr`, poolsvc/netslots.py)
+when the host can make them: the network tests check that two sandboxes
+get different addresses, that the host reaches each at its own address
+(TCP to a busybox `nc -l` run through Exec) and that each guest reaches
+the host, arriving from its sandbox's address (the slot's SNAT).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import secrets
 import shutil
+import socket
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +33,7 @@ import grpc
 import pytest
 
 from guest.images import ImagesNotBuilt, show
+from poolsvc import netslots
 from tests.integration.pool_harness import Service, wait_dead
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux, pytest.mark.timeout(3600)]
@@ -52,7 +64,8 @@ def linux_pool():
     except ImagesNotBuilt as exc:
         pytest.skip(f"guest images not built ({exc})")
     home = Path(tempfile.mkdtemp(prefix="eplx-"))
-    svc = Service(home)
+    sid = f"plx{secrets.token_hex(3)}"
+    svc = Service(home, *_net_args(sid))
     try:
         t0 = time.monotonic()
         # The service has its own EMBER_HOME: name the images (as `ember template create` does by default).
@@ -63,7 +76,19 @@ def linux_pool():
         yield svc
     finally:
         svc.cleanup()
+        netslots.cleanup_stale(sid)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _net_args(service_id: str) -> list[str]:
+    """`ember serve` flags for network slots in a /24 nobody on this host uses; none if slots cannot be made."""
+    if netslots.missing_requirements() is not None:
+        return ["--service-id", service_id]
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    while True:
+        net = f"10.{secrets.randbelow(50) + 130}.{secrets.randbelow(250)}"
+        if f" {net}." not in used:
+            return ["--service-id", service_id, "--net-cidr", f"{net}.0/24", "--net-min-free", "2"]
 
 
 def test_sandboxes_exec_are_isolated_and_distinct(linux_pool) -> None:
@@ -108,3 +133,95 @@ def test_sandboxes_exec_are_isolated_and_distinct(linux_pool) -> None:
             break
         assert state == pb2.SANDBOX_STATE_RELEASING and time.monotonic() < deadline, state
         time.sleep(0.1)
+
+
+def _exec_in_background(svc: Service, sandbox_id: str, argv: list[str], stdin: bytes) -> tuple[threading.Thread, dict]:
+    """Exec `argv` in a thread (it blocks until the command exits); the result lands in the dict."""
+    result: dict = {}
+
+    def run() -> None:
+        out, code = b"", None
+        try:
+            for chunk in svc.stub.Exec(svc.pb2.ExecRequest(id=sandbox_id, argv=argv, stdin=stdin), timeout=120):
+                kind = chunk.WhichOneof("output")
+                if kind == "stdout":
+                    out += chunk.stdout
+                elif kind == "exit":
+                    code = chunk.exit.exit_code
+        except grpc.RpcError as exc:
+            result["error"] = str(exc)
+        result.update(stdout=out, code=code)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, result
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def test_network_sandboxes_have_distinct_addresses_reachable_from_the_host(linux_pool) -> None:
+    svc = linux_pool
+    pb2 = svc.pb2
+    if "--net-cidr" not in " ".join(svc.proc.args):
+        pytest.skip(f"no network slots on this host: {netslots.missing_requirements()}")
+    a = svc.stub.Acquire(pb2.AcquireRequest(template="linux"), timeout=600)
+    b = svc.stub.Acquire(pb2.AcquireRequest(template="linux"), timeout=600)
+    try:
+        addrs = [a.network.ip_address, b.network.ip_address]
+        assert all(addrs) and addrs[0] != addrs[1], addrs
+        for sb in (a, b):
+            # Host -> guest: a TCP connection to the sandbox's own address reaches the nc in *that* guest
+            # (each answers with its own id). One process in the guest, nothing else.
+            t, res = _exec_in_background(svc, sb.id, ["nc", "-l", "-p", "7000"], stdin=f"from {sb.id}\n".encode())
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    conn = socket.create_connection((sb.network.ip_address, 7000), timeout=5)
+                    break
+                except OSError:  # refused (nc not listening yet) or a timeout on this slow guest
+                    assert time.monotonic() < deadline, f"cannot connect to {sb.network.ip_address}:7000"
+                    time.sleep(0.5)
+            with conn:
+                conn.settimeout(60)
+                conn.sendall(b"hello guest\n")
+                conn.shutdown(socket.SHUT_WR)
+                assert _recv_all(conn) == f"from {sb.id}\n".encode()
+            t.join(120)
+            assert res.get("code") == 0 and res["stdout"] == b"hello guest\n", res
+    finally:
+        for sb in (a, b):
+            svc.stub.Release(pb2.ReleaseRequest(id=sb.id))
+
+
+def test_network_guest_reaches_the_host_from_its_own_address(linux_pool) -> None:
+    svc = linux_pool
+    pb2 = svc.pb2
+    if "--net-cidr" not in " ".join(svc.proc.args):
+        pytest.skip(f"no network slots on this host: {netslots.missing_requirements()}")
+    sb = svc.stub.Acquire(pb2.AcquireRequest(template="linux"), timeout=600)
+    try:
+        # The slot's host end is the address below the sandbox's (its /30: .1 host, .2 sandbox).
+        host_addr = str(ipaddress.IPv4Address(sb.network.ip_address) - 1)
+        with socket.create_server((host_addr, 0)) as server:
+            server.settimeout(120)
+            port = server.getsockname()[1]
+            t, res = _exec_in_background(svc, sb.id, ["nc", host_addr, str(port)], stdin=b"from the guest\n")
+            conn, peer = server.accept()
+            with conn:
+                conn.settimeout(60)
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    assert chunk, data
+                    data += chunk
+            assert data == b"from the guest\n"
+            assert peer[0] == sb.network.ip_address  # SNAT: the guest's fixed address never leaves its slot
+            t.join(120)
+            assert res.get("code") == 0, res
+    finally:
+        svc.stub.Release(pb2.ReleaseRequest(id=sb.id))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -136,7 +137,36 @@ def test_a_killed_warm_vmm_is_noticed_and_replaced(service, testguest) -> None:
         time.sleep(0.2)
     status = svc.wait_pool("tg", 2)
     assert status.failures_total >= 1 and status.launches_total >= 3
+    assert status.launch_rate > 0 and status.mem_mib >= 64 * (status.warm + status.leased + status.restoring)
     assert victim not in svc.vmm_pids()
+    with urllib.request.urlopen(f"http://{svc.metrics_addr}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'ember_vmm_deaths_total{cause="killed by SIGKILL",template="tg"} 1.0' in metrics
+    assert 'ember_pool_sandboxes{state="warm",template="tg"} 2.0' in metrics
+    assert 'ember_restores_total{outcome="ok",template="tg"}' in metrics
+    assert svc.terminate() == 0
+
+
+def test_a_vmm_killed_by_sigsys_is_logged_as_a_seccomp_violation(service, testguest) -> None:
+    # A seccomp violation ends the VMM with SIGSYS. A jailed VMM is pid 1 of its PID namespace,
+    # which ignores signals from outside except SIGKILL/SIGSTOP, so `kill -SYS` can only stand
+    # in for a violation with the jail off (test_seccomp.py triggers real violations).
+    svc = service("--no-jail")
+    pb2 = svc.pb2
+    _template(svc, testguest)
+    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=1, max_warm=1))
+    svc.wait_pool("tg", 1)
+    victim, pid = next(iter(svc.vmm_pids().items()))
+    os.kill(pid, signal.SIGSYS)
+    deadline = time.monotonic() + 30
+    while "seccomp violation" not in svc.logs():
+        assert time.monotonic() < deadline, f"the seccomp death was not logged:\n{svc.logs()}"
+        time.sleep(0.2)
+    assert victim in next(line for line in svc.logs().splitlines() if "seccomp violation" in line)
+    svc.wait_pool("tg", 1)
+    with urllib.request.urlopen(f"http://{svc.metrics_addr}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'ember_vmm_deaths_total{cause="killed by SIGSYS (seccomp violation)",template="tg"} 1.0' in metrics
     assert svc.terminate() == 0
 
 
@@ -158,6 +188,7 @@ def test_a_crashed_service_leaves_nothing_after_restart(service, testguest, home
     svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=2, max_warm=2))
     svc.wait_pool("tg", 2)
     _acquire(svc)
+    svc.wait_pool("tg", 2)  # the refill's VMM has written its pid file
     pids = list(svc.vmm_pids().values())
     assert len(pids) == 3
     svc.kill()  # no drain: the VMMs outlive it
@@ -184,3 +215,58 @@ def test_health_checking_and_exec_on_an_agent_without_exec(service, testguest) -
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "not supported" in err.value.details()
     assert svc.terminate() == 0
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                         Path(f"/proc/{pid}/status").read_text().splitlines())}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")
+def test_every_pool_vmm_is_jailed(service, testguest) -> None:
+    """Warm VMMs (forked by the zygote) each run with their own uid, no privilege, in their chroot and cgroup."""
+    svc = service()
+    pb2 = svc.pb2
+    _template(svc, testguest)
+    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=3, max_warm=3))
+    svc.wait_pool("tg", 3)
+    sb = _acquire(svc)
+    assert AgentClient(sb.agent.vsock_uds_path, sb.agent.port).ping() == "testguest"  # works through the jail
+    pids = svc.vmm_pids()
+    assert len(pids) >= 3
+    uids = set()
+    for vm_id, pid in pids.items():
+        st = _proc_status(pid)
+        uid = int(st["Uid"].split()[0])
+        assert uid != 0 and st["Uid"].split() == [str(uid)] * 4, st["Uid"]
+        uids.add(uid)
+        assert st["NoNewPrivs"] == "1"
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[cap], 16) == 0, (vm_id, cap)
+        assert st["NSpid"].split()[-1] == "1"  # pid 1 of its own PID namespace
+        root, chroot = os.stat(f"/proc/{pid}/root/"), os.stat(svc.run_dir / vm_id / "root")
+        assert (root.st_dev, root.st_ino) == (chroot.st_dev, chroot.st_ino)
+        assert "vm.mem" in os.listdir(f"/proc/{pid}/root/snapshot")
+        for ns in ("mnt", "pid", "ipc", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        groups = Path(f"/proc/{pid}/cgroup").read_text()
+        assert "/slot-" in groups, groups
+        assert _memory_limit(groups) == (64 + 256) << 20  # guest memory + the VMM's own allowance
+        limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+        assert any(line.startswith("Max open files") and line.split()[3:5] == ["2048", "2048"] for line in limits)
+        assert any(line.startswith("Max file size") and line.split()[3] == str(16384 << 20) for line in limits)
+    assert len(uids) == len(pids)  # unique per live VMM
+    svc.stub.Release(pb2.ReleaseRequest(id=sb.id))
+    assert svc.terminate() == 0
+
+
+def _memory_limit(proc_cgroup: str) -> int:
+    """The memory limit of the cgroup a /proc/PID/cgroup text names (v1 memory hierarchy, or v2)."""
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return int(Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text())
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::") and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return int(Path(f"/sys/fs/cgroup{line[3:]}/memory.max").read_text())
+    raise AssertionError(f"no memory cgroup in {proc_cgroup!r}")

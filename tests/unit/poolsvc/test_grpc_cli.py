@@ -55,7 +55,7 @@ def test_pool_set_ls_drain(ready, backend: FakeBackend) -> None:
     rc, out, _ = ready("pool", "drain", "py", "--json")
     assert rc == 0 and json.loads(out) == {
         "template": "py", "min_warm": 0, "max_warm": 0, "warm": 0, "leased": 0, "restoring": 0,
-        "launches_total": 0, "failures_total": 0}
+        "launches_total": 0, "failures_total": 0, "launch_rate": 0.0, "mem_mib": 0}
     assert backend.last("set_pool").args == {"template": "py", "min_warm": 0, "max_warm": 0}
     rc, out, _ = ready("pool", "ls", "--json")
     assert [p["max_warm"] for p in json.loads(out)] == [0]
@@ -76,12 +76,14 @@ def test_status_table_and_json(ready, backend: FakeBackend) -> None:
     assert rc == 0
     lines = out.splitlines()
     assert "1 pool" in lines[0]
-    assert lines[1].split() == ["TEMPLATE", "WARM", "LEASED", "RESTORING", "LAUNCHES", "FAILURES"]
-    assert lines[2].split() == ["py", "1", "2", "0", "2", "0"]
-    assert lines[3].split() == ["TOTAL", "1", "2", "0", "2", "0"]
+    assert lines[1].split() == ["TEMPLATE", "WARM", "LEASED", "RESTORING", "LAUNCHES", "FAILURES", "LAUNCH/S",
+                                "MEM_MIB"]
+    assert lines[2].split() == ["py", "1", "2", "0", "2", "0", "0.0", "0"]
+    assert lines[3].split() == ["TOTAL", "1", "2", "0", "2", "0", "0.0", "0"]
     rc, out, _ = ready("status", "--json")
     doc = json.loads(out)
-    assert doc["total"] == {"warm": 1, "leased": 2, "restoring": 0, "launches_total": 2, "failures_total": 0}
+    assert doc["total"] == {"warm": 1, "leased": 2, "restoring": 0, "launches_total": 2, "failures_total": 0,
+                            "launch_rate": 0.0, "mem_mib": 0}
     assert [p["template"] for p in doc["pools"]] == ["py"]
 
 

@@ -321,3 +321,37 @@ def test_concurrent_acquires_never_share_a_vm(make_runtime, launcher):
     assert errors == []
     assert len(got) == 72 and len(set(got)) == 72
     assert all(v.resumes <= 1 and v.destroys <= 1 for v in launcher.vms.values())
+
+
+def test_metrics_count_restores_hand_outs_releases_and_deaths_with_their_cause(make_runtime, launcher):
+    from poolsvc.metrics import sample_values
+
+    launcher.exit_cause = lambda handle: "killed by SIGSYS (seccomp violation)"
+    rt = make_runtime()
+    rt.set_pool("py", 2, 2)
+    wait_for(lambda: rt.status("py").warm == 2)
+    vm_id, _ = rt.acquire("py", timeout=5)
+    rt.release(vm_id)
+    victim = next(r.vm_id for r in rt.list("py") if r.vm_id != vm_id and r.state is VmState.WARM)
+    launcher.vms[victim].alive = False
+    wait_for(lambda: launcher.vms[victim].destroys == 1)
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for ls, v in sample_values(rt.metrics, name) if labels.items() <= ls.items())
+
+    wait_for(lambda: value("ember_vmm_deaths_total") == 1)
+    assert value("ember_vmm_deaths_total", cause="killed by SIGSYS (seccomp violation)") == 1
+    assert value("ember_restores_total", template="py", outcome="ok") >= 3
+    assert value("ember_pool_handout_seconds_count", template="py", source="warm") == 1
+    assert value("ember_releases_total", template="py") == 1
+
+
+def test_launch_rate_follows_the_restores(make_runtime, launcher):
+    rt = make_runtime()
+    assert rt.statuses() == []
+    rt.set_pool("py", 4, 4)
+    wait_for(lambda: rt.status("py").warm == 4)
+    time.sleep(0.1)  # the ticker samples the counter
+    st = rt.status("py")
+    assert st.launches_total == 4 and st.launch_rate > 0
+    assert st.mem_mib == 4 * rt.list("py")[0].mem_mib > 0
