@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import pytest
 
 from jailer import CgroupMounts, JailSpec, detect_version, limits_settings
-from poolsvc.agent import AgentClient
+from poolsvc.agent import AgentClient, AgentConnectFailed
 from tests.integration.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(300),
@@ -259,8 +259,17 @@ def test_the_jailed_vmm_cannot_open_host_files(jail, testguest: Path) -> None:
     vm.assert_no_late_import()
 
 
-def _agent_ping(uds: Path) -> str:
-    return AgentClient(str(uds), timeout=20).ping()
+def _agent_ping(uds: Path, timeout: float = 20.0) -> str:
+    """The agent's PONG. Right after a resume the guest is still handling the vsock
+    TRANSPORT_RESET every restore sends and may refuse a CONNECT: retry (as the pool does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return AgentClient(str(uds), timeout=timeout).ping()
+        except AgentConnectFailed:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def test_snapshot_in_one_jail_restores_in_another_with_vsock_and_no_late_import(jail, testguest: Path) -> None:
