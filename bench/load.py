@@ -314,9 +314,9 @@ class _Clients:
     def stub(self, client: int) -> Any:
         return self.stubs[client % len(self.stubs)]
 
-    def acquire(self, stub: Any) -> Any:
+    def acquire(self, stub: Any, lease_ttl: float | None = None) -> Any:
         req = self.pb2.AcquireRequest(template=self.cfg.template)
-        req.lease_ttl.FromNanoseconds(int(self.cfg.lease_ttl * 1e9))
+        req.lease_ttl.FromNanoseconds(int((self.cfg.lease_ttl if lease_ttl is None else lease_ttl) * 1e9))
         return stub.Acquire(req, timeout=self.cfg.rpc_timeout)
 
     def release(self, stub: Any, sandbox_id: str) -> None:
@@ -370,9 +370,13 @@ class _Clients:
             t.join(self.cfg.rpc_timeout * 2 + self.cfg.ready_timeout)
 
     def hold(self, n: int) -> None:
-        """Acquire `n` sandboxes and keep them (released by `release_held`)."""
+        """Acquire `n` sandboxes and keep them (released by `release_held`).
+
+        Their lease outlives the whole run (a reaped one would make its release NOT_FOUND).
+        """
+        lease = max(self.cfg.lease_ttl, self.cfg.warmup + self.cfg.duration + 300.0)
         for _ in range(n):
-            sandbox = self.acquire(self.stubs[0])
+            sandbox = self.acquire(self.stubs[0], lease)
             self.held.append(sandbox.id)
             if self.cfg.ping:
                 self.ping(sandbox.agent.vsock_uds_path, sandbox.agent.port,
