@@ -9,7 +9,9 @@
 - agent protocol: encode + decode of an EXEC request;
 - snapshot state: encode + decode of a VM state tree of realistic size;
 - restore (real KVM): a test-guest snapshot loaded in-process with the File
-  backend (`build_from_snapshot`) and torn down.
+  backend (`build_from_snapshot`) and torn down;
+- fork: the zygote forks a VMM process (``ember-vmm --version``: it is
+  named, parses its flags and exits) and reports its exit.
 
 Medians are what the notes report; this machine is shared and noisy, so
 compare ratios measured in one run.
@@ -155,3 +157,23 @@ def test_restore_in_process(benchmark) -> None:
             benchmark.pedantic(restore, setup=teardown_previous, rounds=20, warmup_rounds=2)
         finally:
             teardown_previous()
+
+
+def test_zygote_fork(benchmark) -> None:
+    """One VMM process forked by the zygote, run to its exit, and reaped (spawn + wait)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from poolsvc.launcher import ZygoteClient
+
+    with tempfile.TemporaryDirectory(prefix="ember-bz-") as d:
+        work = Path(d)
+        zygote = ZygoteClient(work / "z.sock", work / "zygote.log")
+        zygote.start()
+        try:
+            def fork_one() -> None:
+                pid = zygote.spawn(["--version"], stdin=None, stdout=work / "out", stderr=work / "err", cwd=work)
+                assert zygote.wait(pid, 10.0) == "exited"
+
+            benchmark(fork_one)
+            assert (work / "out").read_text().startswith("ember-vmm v")
+        finally:
+            zygote.stop()
