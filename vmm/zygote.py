@@ -76,7 +76,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 # structlog renders exceptions with `rich` (and colours with `colorama`) when they are
 # installed; a VMM never does (its logs are Firecracker's format), and importing them would
@@ -425,25 +425,31 @@ class Zygote:
         except OSError as exc:
             raise ZygoteError(f"fork failed: {exc}") from exc
         if pid == 0:
-            rc = 1
-            try:
-                rc = self._child(req)
-            except SystemExit as exc:
-                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            except BaseException:  # noqa: BLE001 - the child must end in os._exit, whatever happened
-                try:
-                    traceback.print_exc()
-                except BaseException:  # noqa: BLE001
-                    pass
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except BaseException:  # noqa: BLE001
-                        pass
-                os._exit(rc & 0xFF if rc >= 0 else 1)
+            self._child_and_exit(req)
         self.children.add(pid)
         return pid
+
+    def _child_and_exit(self, req: SpawnRequest, prelude: Callable[[], None] | None = None) -> NoReturn:
+        """In a forked child: `prelude`, then the VMM; always ends in os._exit with its status."""
+        rc = 1
+        try:
+            if prelude is not None:
+                prelude()
+            rc = self._child(req)
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - the child must end in os._exit, whatever happened
+            try:
+                traceback.print_exc()
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
+            os._exit(rc & 0xFF if rc >= 0 else 1)
 
     def _spawn_in_pid_ns(self, req: SpawnRequest) -> int:
         """Fork a child that forks the VMM into a new PID namespace, tells us its pid and exits."""
@@ -456,29 +462,15 @@ class Zygote:
             os.close(w)
             raise ZygoteError(f"fork failed: {exc}") from exc
         if pid == 0:
-            rc = 1
-            try:
+            def into_pid_ns() -> None:
                 os.close(r)
                 vmm_pid = fork_into_new_pid_ns()
-                if vmm_pid != 0:
+                if vmm_pid != 0:  # the intermediate: report the VMM's pid and go
                     os.write(w, str(vmm_pid).encode())
                     os._exit(0)
                 os.close(w)
-                rc = self._child(req)
-            except SystemExit as exc:
-                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            except BaseException:  # noqa: BLE001 - the child must end in os._exit, whatever happened
-                try:
-                    traceback.print_exc()
-                except BaseException:  # noqa: BLE001
-                    pass
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except BaseException:  # noqa: BLE001
-                        pass
-                os._exit(rc & 0xFF if rc >= 0 else 1)
+
+            self._child_and_exit(req, into_pid_ns)
         os.close(w)
         data = b""
         try:
