@@ -8,8 +8,9 @@ directions carry frames::
 
     u8 type | u32 length (big-endian) | payload
 
-A request (PING, EXEC, WRITE_FILE, SET_TIME) is answered by PONG; a stream
-of STDOUT/STDERR chunks ending with EXIT; OK; OK - or by ERROR. The module
+A request (PING, EXEC, WRITE_FILE, SET_TIME, READ_FILE, APPEND_FILE) is
+answered by PONG; a stream of STDOUT/STDERR chunks ending with EXIT; OK;
+OK; a stream of FILE_DATA chunks ending with OK; OK - or by ERROR. The module
 has two layers, in h11's manner:
 
 * a pure codec: message dataclasses, ``encode(msg) -> bytes`` and
@@ -24,7 +25,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -48,6 +49,9 @@ __all__ = [
     "Exit",
     "WriteFile",
     "SetTime",
+    "ReadFile",
+    "AppendFile",
+    "FileData",
     "Ok",
     "Error",
     "Message",
@@ -63,8 +67,8 @@ AGENT_PORT = 52
 PROTOCOL_VERSION = 1
 
 # docs/agent.md "Frames": type codes. Requests have the high bit clear.
-T_PING, T_EXEC, T_WRITE_FILE, T_SET_TIME = 0x01, 0x02, 0x03, 0x04
-T_PONG, T_STDOUT, T_STDERR, T_EXIT, T_OK, T_ERROR = 0x81, 0x82, 0x83, 0x84, 0x85, 0x86
+T_PING, T_EXEC, T_WRITE_FILE, T_SET_TIME, T_READ_FILE, T_APPEND_FILE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+T_PONG, T_STDOUT, T_STDERR, T_EXIT, T_OK, T_ERROR, T_FILE_DATA = 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87
 
 # docs/agent.md "Limits" (the same numbers as ember-agent.c).
 HEADER = struct.Struct(">BI")
@@ -75,6 +79,9 @@ MAX_PATH = 4096
 MAX_CHUNK = 64 << 10
 MAX_ERROR = 4096
 MAX_CONNECT_REPLY = 64
+# The data of one WRITE_FILE or APPEND_FILE the client sends: well under MAX_PAYLOAD with
+# the path and lengths around it. Longer files go as WRITE_FILE + APPEND_FILEs.
+FILE_FRAME_DATA = 4 << 20
 
 
 class AgentError(Exception):
@@ -153,6 +160,22 @@ class SetTime:
 
 
 @dataclass(frozen=True)
+class ReadFile:
+    path: bytes
+
+
+@dataclass(frozen=True)
+class AppendFile:
+    path: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FileData:
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Ok:
     pass
 
@@ -162,7 +185,8 @@ class Error:
     message: str
 
 
-Message = Ping | Pong | Exec | Stdout | Stderr | Exit | WriteFile | SetTime | Ok | Error
+Message = (Ping | Pong | Exec | Stdout | Stderr | Exit | WriteFile | SetTime | ReadFile | AppendFile | FileData
+           | Ok | Error)
 ExecEvent = Stdout | Stderr | Exit
 
 
@@ -239,6 +263,18 @@ def _payload(msg: Message) -> tuple[int, bytes]:
             if not 0 <= ns < (1 << 63):
                 raise AgentProtocolError(f"time {ns} ns out of range")
             return T_SET_TIME, struct.pack(">Q", ns)
+        case ReadFile(path):
+            if not path.startswith(b"/"):
+                raise AgentProtocolError(f"path {path[:80]!r} is not absolute")
+            return T_READ_FILE, _string(path, MAX_PATH, "path")
+        case AppendFile(path, data):
+            if not path.startswith(b"/"):
+                raise AgentProtocolError(f"path {path[:80]!r} is not absolute")
+            return T_APPEND_FILE, _string(path, MAX_PATH, "path") + _blob(data, MAX_PAYLOAD, "data")
+        case FileData(data):
+            if len(data) > MAX_CHUNK:
+                raise AgentProtocolError(f"FILE_DATA of {len(data)} bytes, more than {MAX_CHUNK}")
+            return T_FILE_DATA, data
         case Ok():
             return T_OK, b""
         case Error(message):
@@ -348,6 +384,23 @@ def decode_payload(kind: int, payload: bytes) -> Message:
             if ns >= 1 << 63:
                 raise AgentProtocolError("SET_TIME: time out of range")
             return SetTime(ns)
+        case 0x05:  # T_READ_FILE
+            path = r.string(MAX_PATH)
+            r.end()
+            if not path.startswith(b"/"):
+                raise AgentProtocolError("READ_FILE: needs an absolute path")
+            return ReadFile(path)
+        case 0x06:  # T_APPEND_FILE
+            path = r.string(MAX_PATH)
+            data = r.blob(MAX_PAYLOAD)
+            r.end()
+            if not path.startswith(b"/"):
+                raise AgentProtocolError("APPEND_FILE: needs an absolute path")
+            return AppendFile(path, data)
+        case 0x87:  # T_FILE_DATA
+            if len(payload) > MAX_CHUNK:
+                raise AgentProtocolError(f"FILE_DATA: {len(payload)} bytes, more than {MAX_CHUNK}")
+            return FileData(payload)
         case 0x85:  # T_OK
             if payload:
                 raise AgentProtocolError("OK: payload must be empty")
@@ -587,6 +640,68 @@ class AgentClient:
         reply = self._request(WriteFile(_bytes(path), mode, bytes(data)))
         if not isinstance(reply, Ok):
             raise AgentProtocolError(f"WRITE_FILE answered by {type(reply).__name__}")
+
+    def write_file_chunks(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
+        """Writes the concatenated ``chunks`` to ``path``; returns the number of bytes written.
+
+        Up to `FILE_FRAME_DATA` bytes this is one WRITE_FILE (the file is
+        replaced atomically). A longer file is a WRITE_FILE of its first
+        part followed by APPEND_FILEs: a reader in the guest may see it
+        partly written, and a failure half-way leaves the part written.
+        """
+        pending = bytearray()
+        written = 0
+        started = False
+        for chunk in chunks:
+            pending += chunk
+            while len(pending) > FILE_FRAME_DATA:
+                part = bytes(pending[:FILE_FRAME_DATA])
+                del pending[:FILE_FRAME_DATA]
+                if started:
+                    self._expect_ok(AppendFile(_bytes(path), part), "APPEND_FILE")
+                else:
+                    self.write_file(path, part, mode)
+                    started = True
+                written += len(part)
+        if started:
+            if pending:
+                self._expect_ok(AppendFile(_bytes(path), bytes(pending)), "APPEND_FILE")
+        else:
+            self.write_file(path, bytes(pending), mode)
+        return written + len(pending)
+
+    def _expect_ok(self, msg: Message, what: str) -> None:
+        reply = self._request(msg)
+        if not isinstance(reply, Ok):
+            raise AgentProtocolError(f"{what} answered by {type(reply).__name__}")
+
+    def read_file(self, path: str) -> Iterator[bytes]:
+        """The bytes of the guest's regular file ``path``, in chunks of at most 64 KiB, as they come.
+
+        Raises `AgentRequestFailed` (missing, a directory, not a regular
+        file, unreadable) before the first chunk or, for a read error,
+        after some: the caller discards what it got.
+        """
+        request = ReadFile(_bytes(path))
+        encode(request)  # refuse a bad request before connecting
+        return self._read_events(request)
+
+    def _read_events(self, request: ReadFile) -> Iterator[bytes]:
+        conn = self._connect()
+        try:
+            conn.send(request, time.monotonic() + self.timeout)
+            while True:
+                msg = conn.receive(time.monotonic() + self.timeout)  # each chunk must come within the timeout
+                if isinstance(msg, FileData):
+                    yield msg.data
+                elif isinstance(msg, Ok):
+                    return
+                elif isinstance(msg, Error):
+                    raise AgentRequestFailed(msg.message)
+                else:
+                    raise AgentProtocolError(f"READ_FILE answered by {type(msg).__name__}")
+        finally:
+            conn.close()
 
     def set_time(self, ns: int) -> None:
         """Steps the guest's CLOCK_REALTIME to ``ns`` nanoseconds since the epoch."""

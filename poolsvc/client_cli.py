@@ -6,6 +6,8 @@
     ember sandbox ls [--template NAME]
     ember sandbox exec [--env K=V]... [--timeout S] [--stdin] ID -- ARGV...
     ember sandbox kill ID                         (Release: the microVM is destroyed)
+    ember sandbox cp [--mode OCTAL] SRC DST       (one of them ID:/path in the guest; the other a
+                                                   local path, or - for stdin/stdout)
     ember template create NAME [--kernel K] [--rootfs R] [--initrd I] [--boot-args A]
                                [--vcpus N] [--mem MIB]
     ember template ls
@@ -243,7 +245,80 @@ def cmd_sandbox(args: argparse.Namespace, c: _Client) -> int:
         c.stub.Release(pb2.ReleaseRequest(id=args.id), timeout=c.deadline)
         _emit(args, {"id": args.id, "released": True}, f"released {args.id}")
         return 0
+    if args.sandbox_cmd == "cp":
+        return _copy(args, c)
     return _exec(args, c)
+
+
+#: Bytes per WriteFile message: well under gRPC's 4 MiB message limit.
+UPLOAD_CHUNK = 1 << 20
+
+
+def _guest_side(spec: str) -> tuple[str, str] | None:
+    """``ID:/path`` -> (ID, /path); anything else (a local path) -> None."""
+    sandbox_id, sep, path = spec.partition(":")
+    if sep and sandbox_id and "/" not in sandbox_id and path.startswith("/"):
+        return sandbox_id, path
+    return None
+
+
+def _copy(args: argparse.Namespace, c: _Client) -> int:
+    src, dst = _guest_side(args.src), _guest_side(args.dst)
+    if (src is None) == (dst is None):
+        raise ClientError("exactly one of SRC and DST must be ID:/path in a sandbox "
+                          "(the other a local path, or -)")
+    if src is not None:
+        sandbox_id, path = src
+        stream = c.stub.ReadFile(c.pb2.ReadFileRequest(id=sandbox_id, path=path), timeout=c.deadline)
+        total = 0
+        if args.dst == "-":
+            for chunk in stream:
+                _write(sys.stdout, chunk.data)
+                total += len(chunk.data)
+        else:
+            target = Path(args.dst)
+            if target.is_dir():
+                target = target / Path(path).name
+            part = target.with_name(f".{target.name}.ember-part")
+            try:
+                with open(part, "wb") as f:
+                    for chunk in stream:
+                        f.write(chunk.data)
+                        total += len(chunk.data)
+                os.replace(part, target)  # a failed copy leaves no half file under the name
+            finally:
+                if part.exists():
+                    part.unlink()
+        if args.dst != "-" or args.json:
+            _emit(args, {"from": args.src, "to": args.dst, "bytes": total}, f"{total} bytes from {args.src}")
+        return 0
+    sandbox_id, path = dst
+    if args.src == "-":
+        source: Any = sys.stdin.buffer
+        mode = args.mode if args.mode is not None else 0o644
+    else:
+        source = open(args.src, "rb")
+        mode = args.mode if args.mode is not None else os.fstat(source.fileno()).st_mode & 0o7777
+    with source:
+        def messages() -> Iterator[Any]:
+            yield c.pb2.WriteFileRequest(id=sandbox_id, path=path, mode=mode, data=source.read(UPLOAD_CHUNK))
+            while data := source.read(UPLOAD_CHUNK):
+                yield c.pb2.WriteFileRequest(data=data)
+
+        resp = c.stub.WriteFile(messages(), timeout=c.deadline)
+    _emit(args, {"from": args.src, "to": args.dst, "bytes": resp.bytes_written},
+          f"{resp.bytes_written} bytes to {args.dst}")
+    return 0
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
+    if not 0 < mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"mode {text} is not in 1..7777 (octal)")
+    return mode
 
 
 def _exec_argv(argv: list[str]) -> list[str]:
@@ -456,6 +531,11 @@ def add_parsers(sub: Any) -> None:
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
     k = sb_sub.add_parser("kill", parents=[common], help="release a sandbox (destroys it)")
     k.add_argument("id")
+    cp = sb_sub.add_parser("cp", parents=[_common(600.0)],
+                           help="copy a file into or out of a sandbox (ID:/path on one side)")
+    cp.add_argument("--mode", type=_octal, help="permission bits of a file copied in (default: the source's)")
+    cp.add_argument("src")
+    cp.add_argument("dst")
     sb.set_defaults(func=_run(cmd_sandbox))
 
     tp = sub.add_parser("template", help="templates: create, list, remove")

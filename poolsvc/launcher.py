@@ -91,6 +91,8 @@ log = structlog.get_logger("poolsvc.launcher")
 
 #: The vsock port the guest agent listens on (recorded per template).
 DEFAULT_AGENT_PORT = 52
+#: Saved pool bounds above this are taken as a damaged file (SetPool takes any int32).
+MAX_SAVED_WARM = 2**31 - 1
 #: The guest CID given to templates (clones keep it: each has its own vsock device and UDS).
 DEFAULT_GUEST_CID = 3
 #: The drive id of the root filesystem in templates.
@@ -584,6 +586,41 @@ class TemplateStore:
                 except TemplateError as exc:
                     log.warning("skipping a broken template", template=name, error=str(exc))
         return out
+
+    # --- pool settings (SetPool survives a restart) ----------------------------------------
+
+    POOL_FILE = "pool.json"
+
+    def pool_settings(self, name: str) -> tuple[int, int] | None:
+        """The (min_warm, max_warm) last saved for template `name`; None if never set or unreadable."""
+        _check_name("template name", name)
+        path = self.dir / name / self.POOL_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable pool settings", template=name, path=str(path), error=str(exc))
+            return None
+        lo, hi = (doc.get("min_warm"), doc.get("max_warm")) if isinstance(doc, dict) else (None, None)
+        if not (type(lo) is int and type(hi) is int and 0 <= lo <= hi <= MAX_SAVED_WARM):
+            log.warning("ignoring invalid pool settings", template=name, path=str(path))
+            return None
+        return lo, hi
+
+    def save_pool_settings(self, name: str, min_warm: int, max_warm: int) -> None:
+        """Record (min_warm, max_warm) for template `name` (atomically); `TemplateNotFound` if it is gone."""
+        _check_name("template name", name)
+        tdir = self.dir / name
+        if not (tdir / "template.json").exists():
+            raise TemplateNotFound(f"no template {name!r} in {self.dir}")
+        tmp = tdir / f".{self.POOL_FILE}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            tmp.write_text(json.dumps({"min_warm": min_warm, "max_warm": max_warm}))
+            os.replace(tmp, tdir / self.POOL_FILE)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise TemplateError(f"cannot save the pool settings of {name!r}: {exc}") from exc
 
     def remove(self, name: str) -> None:
         """Delete template `name` (clones running from it keep their mappings); `TemplateNotFound` if absent."""

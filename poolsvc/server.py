@@ -148,6 +148,16 @@ class PoolBackend(Protocol):
         """
         ...
 
+    def read_file(self, sandbox_id: str, path: str, *, deadline: float | None,
+                  cancelled: threading.Event) -> Iterator[bytes]:
+        """The bytes of the guest's file ``path`` in chunks; ``close()`` when the client goes away."""
+        ...
+
+    def write_file(self, sandbox_id: str, path: str, chunks: Iterator[bytes], *, mode: int,
+                   deadline: float | None, cancelled: threading.Event) -> int:
+        """Write the concatenated ``chunks`` to the guest's ``path``; the number of bytes written."""
+        ...
+
     def create_template(self, spec: TemplateSpec, *, deadline: float | None,
                         cancelled: threading.Event) -> TemplateInfo:
         ...
@@ -199,6 +209,23 @@ def _string_map(m: Mapping[str, str], what: str) -> dict[str, str]:
         if not k:
             raise InvalidArgument(f"{what} has an empty key")
     return dict(m)
+
+
+MAX_WRITE_CHUNK = 4 << 20
+MAX_GUEST_PATH = 4096
+
+
+def parse_guest_path(path: str) -> str:
+    """A path in the guest as the agent takes it: absolute, no NUL, at most 4096 bytes."""
+    if not path:
+        raise InvalidArgument("path is empty")
+    if not path.startswith("/"):
+        raise InvalidArgument(f"path {path[:80]!r} is not absolute")
+    if "\0" in path:
+        raise InvalidArgument("path contains a NUL character")
+    if len(path.encode()) > MAX_GUEST_PATH:
+        raise InvalidArgument(f"path is longer than {MAX_GUEST_PATH} bytes")
+    return path
 
 
 def parse_set_pool(template: str, min_warm: int, max_warm: int) -> tuple[str, int, int]:
@@ -414,6 +441,52 @@ class PoolServicer:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+
+    def ReadFile(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        def start() -> Iterator[bytes]:
+            call = self._call(context)
+            path = parse_guest_path(request.path)
+            return iter(self._backend.read_file(_require(request.id, "id"), path, **call.kwargs()))
+
+        chunks = self._run(context, "ReadFile", start)
+        try:
+            while context.is_active():
+                data = self._run(context, "ReadFile", lambda: next(chunks, None))
+                if data is None:
+                    break
+                yield self._pb2.FileChunk(data=data)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def WriteFile(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        def act() -> int:
+            call = self._call(context)
+            first = next(request_iterator, None)
+            if first is None:
+                raise InvalidArgument("WriteFile needs at least one message naming the sandbox and the path")
+            sandbox_id = _require(first.id, "id")
+            path = parse_guest_path(first.path)
+            mode = first.mode or 0o644
+            if mode > 0o7777:
+                raise InvalidArgument(f"mode {mode:#o} is above 0o7777")
+
+            def chunks() -> Iterator[bytes]:
+                yield first.data
+                for message in request_iterator:
+                    if message.id not in ("", sandbox_id) or message.path not in ("", first.path):
+                        raise InvalidArgument("a later WriteFile message names another sandbox or path")
+                    if len(message.data) > MAX_WRITE_CHUNK:
+                        raise InvalidArgument(f"a WriteFile message carries more than {MAX_WRITE_CHUNK} bytes")
+                    yield message.data
+
+            if len(first.data) > MAX_WRITE_CHUNK:
+                raise InvalidArgument(f"a WriteFile message carries more than {MAX_WRITE_CHUNK} bytes")
+            return self._backend.write_file(sandbox_id, path, chunks(), mode=mode, **call.kwargs())
+
+        written = self._run(context, "WriteFile", act)
+        return self._pb2.WriteFileResponse(bytes_written=written)
 
     # -- templates
 

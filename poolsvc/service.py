@@ -190,8 +190,11 @@ class PoolService:
         for tenant in self.auth.tenants():
             self.runtime.set_quota(tenant.name, tenant.quota)
         for tenant in self._tenant_names():  # known templates get an (empty) pool: Acquire restores on demand
-            for t in self._store(tenant).list():
-                self.runtime.set_pool(pool_key(tenant, t.name), 0, 0, mem_mib=t.mem_mib, vcpus=t.vcpus,
+            store = self._store(tenant)
+            for t in store.list():
+                # The bounds the last SetPool saved (a restarted service refills to them), else empty.
+                lo, hi = store.pool_settings(t.name) or (0, 0)
+                self.runtime.set_pool(pool_key(tenant, t.name), lo, hi, mem_mib=t.mem_mib, vcpus=t.vcpus,
                                       tenant=tenant)
         return self
 
@@ -399,6 +402,38 @@ class PoolService:
         except AgentError as exc:
             raise Unavailable(f"cannot reach the sandbox's agent: {exc}") from exc
 
+    def _leased(self, sandbox_id: str, caller: Caller | None) -> None:
+        record = self._owned(sandbox_id, caller)
+        if record.api_state.value != "leased":
+            raise FailedPrecondition(f"sandbox {sandbox_id} is not leased (it is {record.api_state.value})")
+
+    @staticmethod
+    def _file_error(exc: AgentError, path: str, writing: bool = False) -> PoolError:
+        if isinstance(exc, AgentRequestFailed):
+            if "No such file or directory" in str(exc):
+                what = f"no directory for {path!r}" if writing else f"no file {path!r}"
+                return NotFound(f"{what} in the sandbox ({exc})")
+            return FailedPrecondition(f"the sandbox's agent refused: {exc}")
+        return Unavailable(f"cannot reach the sandbox's agent: {exc}")
+
+    def read_file(self, sandbox_id: str, path: str, *, deadline: float | None, cancelled: threading.Event,
+                  caller: Caller | None = None) -> Iterator[bytes]:
+        self._leased(sandbox_id, caller)
+        client = self._agent(sandbox_id, self._remaining(deadline, 600.0))
+        try:
+            yield from client.read_file(path)
+        except AgentError as exc:
+            raise self._file_error(exc, path) from exc
+
+    def write_file(self, sandbox_id: str, path: str, chunks: Iterator[bytes], *, mode: int,
+                   deadline: float | None, cancelled: threading.Event, caller: Caller | None = None) -> int:
+        self._leased(sandbox_id, caller)
+        client = self._agent(sandbox_id, self._remaining(deadline, 600.0))
+        try:
+            return client.write_file_chunks(path, chunks, mode)
+        except AgentError as exc:
+            raise self._file_error(exc, path, writing=True) from exc
+
     # --- templates ---------------------------------------------------------------------------
 
     def _defaults(self, spec: TemplateSpec) -> dict[str, Any]:
@@ -524,6 +559,12 @@ class PoolService:
         t = self._template(template, tenant)
         if min_warm > max_warm:
             raise InvalidArgument("min_warm is above max_warm")
+        try:
+            self._store(tenant).save_pool_settings(template, min_warm, max_warm)  # first: a failure changes nothing
+        except TemplateNotFound:
+            raise NotFound(f"no template named {template!r}") from None
+        except TemplateError as exc:
+            raise Unavailable(str(exc)) from exc
         return self._pool_view(self.runtime.set_pool(pool_key(tenant, template), min_warm, max_warm,
                                                      mem_mib=t.mem_mib, vcpus=t.vcpus, tenant=tenant))
 

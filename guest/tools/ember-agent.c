@@ -12,7 +12,8 @@
  *
  * Requests: PING (the client's protocol version) -> PONG; EXEC (argv, env,
  * cwd, timeout, stdin) -> STDOUT/STDERR chunks, then EXIT; WRITE_FILE (path,
- * mode, data) -> OK; SET_TIME (unix ns) -> OK. A request that cannot be
+ * mode, data) -> OK; SET_TIME (unix ns) -> OK; READ_FILE (path) -> FILE_DATA
+ * chunks, then OK; APPEND_FILE (path, data) -> OK. A request that cannot be
  * carried out gets ERROR and the connection stays open; a malformed frame
  * gets ERROR and the connection is closed. Every length is bounded before
  * anything is allocated.
@@ -63,12 +64,15 @@ enum {
 	T_EXEC = 0x02,
 	T_WRITE_FILE = 0x03,
 	T_SET_TIME = 0x04,
+	T_READ_FILE = 0x05,
+	T_APPEND_FILE = 0x06,
 	T_PONG = 0x81,
 	T_STDOUT = 0x82,
 	T_STDERR = 0x83,
 	T_EXIT = 0x84,
 	T_OK = 0x85,
 	T_ERROR = 0x86,
+	T_FILE_DATA = 0x87,
 };
 
 /* Bounds (docs/agent.md "Limits"). */
@@ -677,6 +681,90 @@ static int handle_write_file(int conn, const uint8_t *payload, uint32_t len)
 	return send_frame(conn, T_OK, NULL, 0);
 }
 
+/* 0 if fd is a regular file, else the errno to report (EISDIR, EINVAL, fstat's). */
+static int not_regular(int fd)
+{
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return errno;
+	if (S_ISREG(st.st_mode))
+		return 0;
+	return S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+}
+
+/* READ_FILE: path string. The file's bytes as FILE_DATA frames of at most
+ * CHUNK bytes, then OK. Only a regular file is read (O_NONBLOCK so that a
+ * FIFO cannot block the open; the S_ISREG check then refuses it), so the
+ * agent never waits on a device or pipe the guest user names. An error
+ * before the first chunk or in the middle is sent as ERROR and the
+ * connection stays open: the host discards what it got. */
+static int handle_read_file(int conn, const uint8_t *payload, uint32_t len)
+{
+	char path[MAX_PATH + 1];
+	char *a = path;
+	struct cursor c = { payload, len, 0 };
+	char *p = get_string(&c, MAX_PATH, &a);
+	if (c.bad || c.left != 0 || p[0] != '/')
+		return send_error(conn, "malformed READ_FILE: needs an absolute path", 0), -1;
+	int fd = open(p, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0)
+		return send_error(conn, p, errno);
+	int err = not_regular(fd);
+	if (err) {
+		close(fd);
+		return send_error(conn, p, err);
+	}
+	for (;;) {
+		ssize_t n = read(fd, iobuf, CHUNK);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			err = errno;
+			close(fd);
+			return send_error(conn, p, err);
+		}
+		if (n == 0)
+			break;
+		if (send_frame(conn, T_FILE_DATA, iobuf, (size_t)n) < 0) {
+			close(fd);
+			return -1;
+		}
+	}
+	close(fd);
+	return send_frame(conn, T_OK, NULL, 0);
+}
+
+/* APPEND_FILE: path string, data bytes. Appended to an existing regular file
+ * (O_APPEND, O_NOFOLLOW); the host's way to write a file longer than one
+ * frame after a WRITE_FILE of its first part. */
+static int handle_append_file(int conn, const uint8_t *payload, uint32_t len)
+{
+	char path[MAX_PATH + 1];
+	char *a = path;
+	struct cursor c = { payload, len, 0 };
+	char *p = get_string(&c, MAX_PATH, &a);
+	uint32_t dlen = 0;
+	const uint8_t *data = get_bytes(&c, MAX_PAYLOAD, &dlen);
+	if (c.bad || c.left != 0 || p[0] != '/')
+		return send_error(conn, "malformed APPEND_FILE: needs an absolute path and data", 0), -1;
+	int fd = open(p, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0)
+		return send_error(conn, p, errno);
+	int err = not_regular(fd);
+	if (err) {
+		close(fd);
+		return send_error(conn, p, err);
+	}
+	if (write_all(fd, data, dlen) < 0) {
+		err = errno;
+		close(fd);
+		return send_error(conn, p, err);
+	}
+	if (close(fd) < 0)
+		return send_error(conn, p, errno);
+	return send_frame(conn, T_OK, NULL, 0);
+}
+
 /* SET_TIME: u64 nanoseconds since the Unix epoch (CLOCK_REALTIME). */
 static int handle_set_time(int conn, const uint8_t *payload, uint32_t len)
 {
@@ -747,7 +835,8 @@ static void serve(int conn, int srv)
 			return;
 		uint8_t type = hdr[0];
 		uint32_t len = get_be32(hdr + 1);
-		if (type != T_PING && type != T_EXEC && type != T_WRITE_FILE && type != T_SET_TIME) {
+		if (type != T_PING && type != T_EXEC && type != T_WRITE_FILE && type != T_SET_TIME &&
+		    type != T_READ_FILE && type != T_APPEND_FILE) {
 			send_error(conn, "malformed frame: unknown request type", 0);
 			return;
 		}
@@ -774,6 +863,12 @@ static void serve(int conn, int srv)
 				break;
 			case T_SET_TIME:
 				rc = handle_set_time(conn, payload, len);
+				break;
+			case T_READ_FILE:
+				rc = handle_read_file(conn, payload, len);
+				break;
+			case T_APPEND_FILE:
+				rc = handle_append_file(conn, payload, len);
 				break;
 			}
 		}

@@ -6,7 +6,8 @@ boots it read-only, waits for `ember-agent` on vsock, snapshots it. Then two
 sandboxes are acquired with different metadata and checked through Exec:
 `echo hi`, isolation (a file written in one's tmpfs is absent in the other),
 different RNG output (VMGenID reseeds each clone), each sees its own
-metadata, and Release ends the VMM process.
+metadata, and Release ends the VMM process. Files move in and out with
+WriteFile and ReadFile.
 
 The service runs with network slots (`--net-cidr`, poolsvc/netslots.py)
 when the host can make them: the network tests check that two sandboxes
@@ -78,6 +79,51 @@ def linux_pool():
         svc.cleanup()
         netslots.cleanup_stale(sid)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_files_move_in_and_out_of_a_sandbox(linux_pool) -> None:
+    """WriteFile (5 MiB: one WRITE_FILE and one APPEND_FILE to the agent) and ReadFile back, checked in the guest."""
+    import hashlib
+    import os
+    svc = linux_pool
+    pb2 = svc.pb2
+    sb = svc.stub.Acquire(pb2.AcquireRequest(template="linux", metadata={"who": "carol"}), timeout=600)
+    try:
+        data = os.urandom(5 << 20)
+        step = 1 << 20
+        messages = [pb2.WriteFileRequest(id=sb.id, path="/tmp/up.bin", mode=0o600, data=data[:step])]
+        messages += [pb2.WriteFileRequest(data=data[i:i + step]) for i in range(step, len(data), step)]
+        t0 = time.monotonic()
+        assert svc.stub.WriteFile(iter(messages), timeout=600).bytes_written == len(data)
+        t_write = time.monotonic() - t0
+        code, out, err = _exec(svc, sb.id, "sh", "-c", "sha256sum /tmp/up.bin; stat -c %a /tmp/up.bin")
+        assert code == 0, err
+        assert out.split() == [hashlib.sha256(data).hexdigest(), "/tmp/up.bin", "600"], out
+        t0 = time.monotonic()
+        back = b"".join(c.data for c in svc.stub.ReadFile(pb2.ReadFileRequest(id=sb.id, path="/tmp/up.bin"),
+                                                          timeout=600))
+        t_read = time.monotonic() - t0
+        assert back == data
+        print(f"[pool-linux] 5 MiB in: {t_write * 1000:.0f} ms, out: {t_read * 1000:.0f} ms")
+        meta = b"".join(c.data for c in svc.stub.ReadFile(pb2.ReadFileRequest(id=sb.id,
+                                                                              path="/run/ember/metadata.json")))
+        assert json.loads(meta) == {"who": "carol"}
+        for path, code in [("/tmp/no-such-file", grpc.StatusCode.NOT_FOUND),
+                           ("/tmp", grpc.StatusCode.FAILED_PRECONDITION),
+                           ("/dev/zero", grpc.StatusCode.FAILED_PRECONDITION),
+                           ("tmp/relative", grpc.StatusCode.INVALID_ARGUMENT)]:
+            with pytest.raises(grpc.RpcError) as info:
+                list(svc.stub.ReadFile(pb2.ReadFileRequest(id=sb.id, path=path), timeout=120))
+            assert info.value.code() == code, (path, info.value.details())
+        with pytest.raises(grpc.RpcError) as info:
+            svc.stub.WriteFile(iter([pb2.WriteFileRequest(id=sb.id, path="/no/such/dir/x", data=b"x")]), timeout=120)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+        assert "no directory for '/no/such/dir/x'" in info.value.details()
+        assert svc.stub.WriteFile(iter([pb2.WriteFileRequest(id=sb.id, path="/tmp/small", data=b"hi\n")]),
+                                  timeout=120).bytes_written == 3
+        assert _exec(svc, sb.id, "cat", "/tmp/small")[1] == "hi\n"
+    finally:
+        svc.stub.Release(pb2.ReleaseRequest(id=sb.id))
 
 
 def _net_args(service_id: str) -> list[str]:

@@ -195,7 +195,10 @@ def test_a_crashed_service_leaves_nothing_after_restart(service, testguest, home
     assert all(alive(p) for p in pids)
     svc2 = service()
     assert all(wait_dead(p) for p in pids), "the new service did not clean up its predecessor's VMMs"
-    # The template survived; the new service serves it.
+    # The template survived, with the bounds SetPool gave it: the new service refills to them.
+    status = svc2.stub.GetPoolStatus(pb2.GetPoolStatusRequest(template="tg"))
+    assert (status.min_warm, status.max_warm) == (2, 2)
+    svc2.wait_pool("tg", 2)
     sb = _acquire(svc2)
     assert AgentClient(sb.agent.vsock_uds_path, sb.agent.port).ping() == "testguest"
     assert svc2.terminate() == 0

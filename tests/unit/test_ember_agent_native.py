@@ -145,6 +145,55 @@ def test_write_file_replaces_atomically_with_the_mode(agent, tmp_path):
         client.write_file(str(tmp_path / "missing" / "x"), b"")
 
 
+def test_read_file_streams_a_regular_file_in_chunks(agent, tmp_path):
+    client, _path, _proc = agent
+    data = os.urandom((3 << 20) + 17)
+    (tmp_path / "big").write_bytes(data)
+    chunks = list(client.read_file(str(tmp_path / "big")))
+    assert b"".join(chunks) == data and max(map(len, chunks)) <= 64 << 10
+    (tmp_path / "empty").write_bytes(b"")
+    assert list(client.read_file(str(tmp_path / "empty"))) == []
+    assert b"".join(client.read_file("/proc/self/status")).startswith(b"Name:")  # size 0 in stat, read to EOF
+
+
+def test_read_file_refuses_what_is_not_a_regular_file_without_blocking(agent, tmp_path):
+    client, _path, proc = agent
+    os.mkfifo(tmp_path / "fifo")  # nobody writes: a blocking open or read would hang the agent
+    for name, message in [("missing", "No such file or directory"), ("", "Is a directory"),
+                          ("fifo", "Invalid argument")]:
+        with pytest.raises(AgentRequestFailed, match=message):
+            b"".join(client.read_file(str(tmp_path / name)))
+    with pytest.raises(AgentRequestFailed, match="Invalid argument"):
+        b"".join(client.read_file("/dev/zero"))  # endless: refused, not streamed forever
+    assert proc.poll() is None and client.ping() == "ember-agent 1.0"
+
+
+def test_write_file_chunks_writes_long_files_in_parts(agent, tmp_path):
+    client, _path, _proc = agent
+    data = os.urandom(9 << 20)  # three frames: WRITE_FILE, then two APPEND_FILEs
+    target = tmp_path / "upload.bin"
+    pieces = (data[i:i + 300_000] for i in range(0, len(data), 300_000))
+    assert client.write_file_chunks(str(target), pieces, mode=0o600) == len(data)
+    assert target.read_bytes() == data and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert client.write_file_chunks(str(target), iter([b"a", b"b"])) == 2 and target.read_bytes() == b"ab"
+    assert client.write_file_chunks(str(target), iter([])) == 0 and target.read_bytes() == b""
+    assert b"".join(client.read_file(str(target))) == b""
+
+
+def test_append_file_needs_an_existing_regular_file_and_follows_no_link(agent, tmp_path):
+    from poolsvc.agent import AppendFile
+    client, _path, _proc = agent
+    with pytest.raises(AgentRequestFailed, match="No such file or directory"):
+        client._expect_ok(AppendFile(str(tmp_path / "missing").encode(), b"x"), "APPEND_FILE")
+    (tmp_path / "real").write_bytes(b"keep")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(AgentRequestFailed, match="Too many levels of symbolic links"):
+        client._expect_ok(AppendFile(str(tmp_path / "link").encode(), b"x"), "APPEND_FILE")
+    assert (tmp_path / "real").read_bytes() == b"keep"
+    client._expect_ok(AppendFile(str(tmp_path / "real").encode(), b"+more"), "APPEND_FILE")
+    assert (tmp_path / "real").read_bytes() == b"keep+more"
+
+
 def test_several_requests_on_one_connection(agent):
     _client, path, _proc = agent
     with raw(path) as s:
@@ -174,6 +223,9 @@ def test_several_requests_on_one_connection(agent):
     (struct.pack(">BI", 0x03, 12) + struct.pack(">I", 1) + b"x" + struct.pack(">I", 0o644)[:3] + b"\0" * 4,
      "malformed WRITE_FILE"),
     (struct.pack(">BI", 0x04, 4) + b"\0" * 4, "malformed SET_TIME"),
+    (struct.pack(">BII", 0x05, 7, 3) + b"etc", "malformed READ_FILE"),  # a relative path
+    (struct.pack(">BII", 0x05, 9, 4) + b"/etc" + b"\0", "malformed READ_FILE"),  # trailing byte
+    (struct.pack(">BII", 0x06, 8, 4) + b"/tmp", "malformed APPEND_FILE"),  # no data field
     (struct.pack(">BIQ", 0x04, 8, 1 << 63), "malformed SET_TIME"),
 ])
 def test_malformed_frames_get_error_and_close_and_the_agent_keeps_serving(agent, frame, message):
@@ -188,12 +240,12 @@ def test_malformed_frames_get_error_and_close_and_the_agent_keeps_serving(agent,
 
 
 def test_random_garbage_never_crashes_the_agent(agent):
-    # PING and EXEC with random payloads, and random types. (Never WRITE_FILE or
-    # SET_TIME: a random frame that happened to be valid would change the host.)
+    # PING and EXEC with random payloads, and random types. (Never WRITE_FILE,
+    # APPEND_FILE or SET_TIME: a random frame that happened to be valid would change the host.)
     client, path, proc = agent
     rng = random.Random(52)
     for _ in range(200):
-        kind = rng.choice([0x01, 0x02, 0x00, 0x05, 0x7F, 0x86, 0xFF])
+        kind = rng.choice([0x01, 0x02, 0x00, 0x08, 0x7F, 0x86, 0xFF])
         payload = rng.randbytes(rng.randrange(0, 64))
         declared = rng.choice([len(payload), len(payload) + rng.randrange(1, 9), rng.randrange(0, 1 << 32)])
         with raw(path) as s:

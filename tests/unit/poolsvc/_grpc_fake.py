@@ -64,6 +64,9 @@ class FakeBackend:
         #: Exec generators that ran their cleanup (argv[0] of each)
         self.exec_closed: list[str] = []
         self.exec_closed_event = threading.Event()
+        #: (sandbox id, path) -> bytes: the sandboxes' files for ReadFile/WriteFile
+        self.files: dict[tuple[str, str], bytes] = {}
+        self.read_closed = threading.Event()
         self._n = 0
 
     def __repr__(self) -> str:
@@ -181,6 +184,36 @@ class FakeBackend:
         finally:
             self.exec_closed.append(argv[0])
             self.exec_closed_event.set()
+
+    def read_file(self, sandbox_id: str, path: str, *, deadline: float | None,
+                  cancelled: threading.Event) -> Iterator[bytes]:
+        self._enter("read_file", deadline, cancelled, sandbox_id=sandbox_id, path=path)
+        if sandbox_id not in self.sandboxes:
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+        if path == "/dev/forever":  # never ends, deaf to cancellation: the servicer must stop pulling
+            return self._forever()
+        try:
+            data = self.files[(sandbox_id, path)]
+        except KeyError:
+            raise NotFound(f"no file {path!r}") from None
+        return iter([data[i:i + 65536] for i in range(0, len(data), 65536)])
+
+    def _forever(self) -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"z" * 65536
+                time.sleep(0.01)
+        finally:
+            self.read_closed.set()
+
+    def write_file(self, sandbox_id: str, path: str, chunks: Iterator[bytes], *, mode: int,
+                   deadline: float | None, cancelled: threading.Event) -> int:
+        self._enter("write_file", deadline, cancelled, sandbox_id=sandbox_id, path=path, mode=mode)
+        if sandbox_id not in self.sandboxes:
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+        data = b"".join(chunks)
+        self.files[(sandbox_id, path)] = data
+        return len(data)
 
     # -- templates
 

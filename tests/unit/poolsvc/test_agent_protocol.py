@@ -20,14 +20,17 @@ from poolsvc.agent import (
     AgentProtocolError,
     AgentRequestFailed,
     AgentTimeout,
+    AppendFile,
     Error,
     Exec,
     ExecResult,
     Exit,
+    FileData,
     FrameDecoder,
     Ok,
     Ping,
     Pong,
+    ReadFile,
     SetTime,
     Stderr,
     Stdout,
@@ -50,6 +53,9 @@ messages = st.one_of(
     st.builds(Exit, st.integers(-(2**31), 2**31 - 1), st.booleans()),
     st.builds(WriteFile, text.map(lambda b: b"/" + b), st.integers(0, 0o7777), st.binary(max_size=200)),
     st.builds(SetTime, st.integers(0, 2**63 - 1)),
+    st.builds(ReadFile, text.map(lambda b: b"/" + b)),
+    st.builds(AppendFile, text.map(lambda b: b"/" + b), st.binary(max_size=200)),
+    st.builds(FileData, st.binary(max_size=200)),
     st.just(Ok()),
     st.builds(Error, st.text(max_size=80)),
 )
@@ -95,7 +101,7 @@ def test_garbage_raises_only_the_protocol_error(data):
 
 
 @settings(max_examples=500)
-@given(st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x00, 0x7F, 0xFF]),
+@given(st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x87, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x00, 0x7F, 0xFF]),
        st.binary(max_size=120))
 def test_garbage_payloads_of_every_type_raise_only_the_protocol_error(kind, payload):
     try:
@@ -113,6 +119,9 @@ def test_exact_bytes_of_the_documented_examples():
     assert encode(Exit(-9, True)) == bytes.fromhex("84 00000005 fffffff7 01")
     assert encode(SetTime(1)) == bytes.fromhex("04 00000008 0000000000000001")
     assert encode(Ok()) == bytes.fromhex("85 00000000")
+    assert encode(ReadFile(b"/etc/hostname")) == bytes.fromhex("05 00000011 0000000d") + b"/etc/hostname"
+    assert encode(AppendFile(b"/x", b"ab")) == bytes.fromhex("06 0000000c 00000002 2f78 00000002 6162")
+    assert encode(FileData(b"hi")) == bytes.fromhex("87 00000002 6869")
 
 
 def test_oversized_and_malformed_frames_are_refused():
@@ -145,6 +154,14 @@ def test_encoder_refuses_what_the_agent_would_refuse():
         encode(WriteFile(b"/x", 0o10000, b""))
     with pytest.raises(AgentProtocolError, match="more than"):
         encode(Exec((b"cat",), stdin=bytes(MAX_PAYLOAD + 1)))
+    with pytest.raises(AgentProtocolError, match="absolute"):
+        encode(ReadFile(b"etc/passwd"))
+    with pytest.raises(AgentProtocolError, match="absolute"):
+        encode(AppendFile(b"x", b""))
+    with pytest.raises(AgentProtocolError, match="more than"):
+        encode(FileData(bytes((64 << 10) + 1)))
+    with pytest.raises(AgentProtocolError, match="FILE_DATA"):
+        decode_payload(0x87, bytes((64 << 10) + 1))
 
 
 # --- the client against an in-memory hybrid-vsock peer ------------------------------------

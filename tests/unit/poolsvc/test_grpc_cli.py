@@ -130,6 +130,41 @@ def test_sandbox_ls_and_kill(ready) -> None:
     assert rc == 1 and _one_error_line(err) == "ember: NOT_FOUND: no sandbox 'sb-1'"
 
 
+def test_sandbox_cp_in_and_out(ready, backend: FakeBackend, tmp_path, monkeypatch) -> None:
+    ready("acquire", "py")
+    src = tmp_path / "in.bin"
+    data = bytes(range(256)) * 9000  # 2.2 MiB: three WriteFile messages
+    src.write_bytes(data)
+    src.chmod(0o750)
+    rc, out, _ = ready("sandbox", "cp", str(src), "sb-1:/root/in.bin")
+    assert (rc, out) == (0, f"{len(data)} bytes to sb-1:/root/in.bin\n")
+    assert backend.files[("sb-1", "/root/in.bin")] == data
+    assert backend.last("write_file").args["mode"] == 0o750
+    rc, out, _ = ready("sandbox", "cp", "--json", "sb-1:/root/in.bin", str(tmp_path))  # into a directory
+    assert rc == 0 and json.loads(out)["bytes"] == len(data) and (tmp_path / "in.bin").read_bytes() == data
+    rc, out, _ = ready("sandbox", "cp", "--mode", "600", str(src), "sb-1:/root/b")
+    assert rc == 0 and backend.last("write_file").args["mode"] == 0o600
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin")))
+    assert ready("sandbox", "cp", "-", "sb-1:/s")[0] == 0 and backend.files[("sb-1", "/s")] == b"from stdin"
+    assert backend.last("write_file").args["mode"] == 0o644
+    backend.files[("sb-1", "/small")] = b"hello\n"
+    rc, out, _ = ready("sandbox", "cp", "sb-1:/small", "-")
+    assert (rc, out) == (0, "hello\n")
+
+
+def test_sandbox_cp_errors(ready, tmp_path) -> None:
+    ready("acquire", "py")
+    rc, _, err = ready("sandbox", "cp", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert rc == 1 and "exactly one of SRC and DST" in _one_error_line(err)
+    rc, _, err = ready("sandbox", "cp", "sb-1:/x", "sb-1:/y")
+    assert rc == 1 and "exactly one of SRC and DST" in _one_error_line(err)
+    rc, _, err = ready("sandbox", "cp", "sb-1:/missing", str(tmp_path / "out"))
+    assert rc == 1 and _one_error_line(err).startswith("ember: NOT_FOUND: no file '/missing'")
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    rc, _, err = ready("sandbox", "cp", "sb-1:/missing", "-")
+    assert rc == 1 and "NOT_FOUND" in err
+
+
 def test_sandbox_exec(ready, backend: FakeBackend, monkeypatch) -> None:
     ready("acquire", "py")
     rc, out, err = ready("sandbox", "exec", "sb-1", "--", "echo", "hi", "--flag")

@@ -130,6 +130,51 @@ def test_exec_errors(ready, pb) -> None:
     assert err.code() == SC.INTERNAL and "without an exit status" in err.details()
 
 
+def test_files_round_trip_in_chunks(ready, pb, backend: FakeBackend) -> None:
+    sid = ready.Acquire(pb.AcquireRequest(template="py")).id
+    data = os.urandom(300_000)
+    messages = [pb.WriteFileRequest(id=sid, path="/root/x.bin", mode=0o600, data=data[:100_000]),
+                pb.WriteFileRequest(data=data[100_000:200_000]),
+                pb.WriteFileRequest(id=sid, path="/root/x.bin", data=data[200_000:])]  # repeating them is fine
+    assert ready.WriteFile(iter(messages)).bytes_written == len(data)
+    assert backend.last("write_file").args == {"sandbox_id": sid, "path": "/root/x.bin", "mode": 0o600}
+    chunks = [m.data for m in ready.ReadFile(pb.ReadFileRequest(id=sid, path="/root/x.bin"))]
+    assert b"".join(chunks) == data and len(chunks) == 5
+    assert ready.WriteFile(iter([pb.WriteFileRequest(id=sid, path="/e")])).bytes_written == 0
+    assert backend.last("write_file").args["mode"] == 0o644  # mode 0: the default
+    assert list(ready.ReadFile(pb.ReadFileRequest(id=sid, path="/e"))) == []
+
+
+def test_file_errors(ready, pb, backend: FakeBackend) -> None:
+    sid = ready.Acquire(pb.AcquireRequest(template="py")).id
+    for path, what in [("", "path is empty"), ("rel/x", "not absolute"), ("/a\0b", "NUL"),
+                       ("/" + "x" * 4096, "longer than 4096")]:
+        err = _rpc_error(ready.ReadFile, pb.ReadFileRequest(id=sid, path=path))
+        assert err.code() == SC.INVALID_ARGUMENT and what in err.details(), err.details()
+        err = _rpc_error(ready.WriteFile, iter([pb.WriteFileRequest(id=sid, path=path)]))
+        assert err.code() == SC.INVALID_ARGUMENT and what in err.details(), err.details()
+    assert _rpc_error(ready.ReadFile, pb.ReadFileRequest(id=sid, path="/missing")).code() == SC.NOT_FOUND
+    assert _rpc_error(ready.ReadFile, pb.ReadFileRequest(id="nope", path="/x")).code() == SC.NOT_FOUND
+    err = _rpc_error(ready.ReadFile, pb.ReadFileRequest(path="/x"))
+    assert err.code() == SC.INVALID_ARGUMENT and "id" in err.details()
+    err = _rpc_error(ready.WriteFile, iter([]))
+    assert err.code() == SC.INVALID_ARGUMENT and "at least one message" in err.details()
+    err = _rpc_error(ready.WriteFile, iter([pb.WriteFileRequest(id=sid, path="/x", mode=0o10000)]))
+    assert err.code() == SC.INVALID_ARGUMENT and "0o7777" in err.details()
+    err = _rpc_error(ready.WriteFile, iter([pb.WriteFileRequest(id=sid, path="/x", data=b"a"),
+                                            pb.WriteFileRequest(id=sid, path="/y", data=b"b")]))
+    assert err.code() == SC.INVALID_ARGUMENT and "another sandbox or path" in err.details()
+    assert (sid, "/y") not in backend.files
+
+
+def test_a_cancelled_read_stops_pulling_from_the_backend(ready, pb, backend: FakeBackend) -> None:
+    sid = ready.Acquire(pb.AcquireRequest(template="py")).id
+    stream = ready.ReadFile(pb.ReadFileRequest(id=sid, path="/dev/forever"))
+    assert len(next(stream).data) == 65536
+    stream.cancel()
+    assert backend.read_closed.wait(10)
+
+
 # ---- status codes ---------------------------------------------------------------
 
 @pytest.mark.parametrize("error,code", [
