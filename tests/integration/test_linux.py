@@ -35,6 +35,7 @@ BOOT_TIMEOUT_S = 1800
 # Boots running at once: each is mostly emulated guest kernel code, so more
 # than a few on a 2-core host starve each other's vCPUs for tens of seconds.
 MAX_CONCURRENT_BOOTS = 3
+PVM_2CPU_TIMEOUT_S = 900
 DATA_MAGIC = "EMBER-DATA-WRITTEN-BY-GUEST"
 
 # Runs in the rootfs guest after /init's markers (busybox sh).
@@ -58,6 +59,9 @@ class Boot:
     stderr: str = ""
     files: dict[str, Path] = field(default_factory=dict)
     console_file: Path | None = None
+    #: Seconds from launch the boot may take.
+    timeout: float = BOOT_TIMEOUT_S
+    launched_at: float | None = None
 
     def started(self, timeout: float = BOOT_TIMEOUT_S) -> subprocess.Popen:
         deadline = time.monotonic() + timeout
@@ -70,8 +74,9 @@ class Boot:
     def wait(self) -> "Boot":
         if self.returncode is None:
             self.started()
+            left = self.timeout - (time.monotonic() - (self.launched_at or time.monotonic()))
             try:
-                out, err = self.proc.communicate(timeout=BOOT_TIMEOUT_S)
+                out, err = self.proc.communicate(timeout=max(left, 1.0))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 out, err = self.proc.communicate()
@@ -109,6 +114,7 @@ def _start(name: str, workdir: Path, config: dict, files: dict[str, Path] | None
 
 def _launch(boot: Boot) -> None:
     stdout = boot.console_file.open("w") if boot.console_file else subprocess.PIPE
+    boot.launched_at = time.monotonic()
     boot.proc = subprocess.Popen(boot.cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
                                  text=True, errors="replace")
     if boot.console_file:
@@ -178,6 +184,10 @@ def boots(tmp_path_factory) -> dict[str, Boot]:
             "boot-source": initrd_src, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}},
             extra_args=("--boot-protocol", "pvh")),
     }
+    if is_pvm_host():
+        # The 2-vCPU boot hits the host's stalling-guest defect in some runs (test_two_vcpus_online
+        # is an xfail there): give it a quarter of an hour from launch, not half an hour.
+        started["initrd-2cpu"].timeout = PVM_2CPU_TIMEOUT_S
     stop = threading.Event()
     # Longest boots first, so the slowest one is not left to run alone at the end.
     order = ["initrd-3584", "debian-cloud", "initrd-2cpu", "rootfs", "noacpi", "initrd-pvh"]

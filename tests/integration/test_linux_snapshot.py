@@ -255,7 +255,7 @@ class Restored:
                 time.sleep(0.2)
             if m and m.group(1).strip():
                 return m.group(1).strip()
-        raise AssertionError(f"no {marker} answer from the console\n{self.proc.describe()}")
+        raise ConsoleSilent(f"no {marker} answer from the console\n{self.proc.describe()}")
 
     def vsock_echo(self, payload: bytes = b"ping over vsock\n") -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -292,6 +292,10 @@ def _no_kernel_complaints(console: str) -> None:
         assert bad not in console, f"{bad!r} on the console after restore:\n{console}"
 
 
+class ConsoleSilent(AssertionError):
+    """The guest's console shell gave no answer at all (not a wrong one)."""
+
+
 def _check_restored(vm: Restored, tmpl: Template) -> None:
     first = vm.wait_count_after(tmpl.last_count)
     assert tmpl.last_count < first <= tmpl.last_count + 2, (tmpl.last_count, first)  # continued, not rebooted
@@ -311,8 +315,22 @@ def test_restore_from_the_memory_file(template) -> None:
 
 
 def test_two_clones_run_side_by_side_and_diverge(template) -> None:
-    a = Restored(template, "clonea", "File", template.mem)
-    b = Restored(template, "cloneb", "File", template.mem)
+    # A clone whose console shell goes silent for minutes is the host's stalling-guest
+    # defect (docs/host-kvm.md): both clones are restored again, once. A wrong answer
+    # is never retried.
+    for attempt in range(2):
+        try:
+            _two_clones(template, attempt)
+            return
+        except ConsoleSilent as exc:
+            if attempt:
+                raise
+            print(f"[linux-snapshot] a clone's console went silent; restoring both again:\n{str(exc)[:300]}")
+
+
+def _two_clones(template, attempt: int) -> None:
+    a = Restored(template, f"clonea{attempt}", "File", template.mem)
+    b = Restored(template, f"cloneb{attempt}", "File", template.mem)
     try:
         a.wait_count_after(template.last_count)
         b.wait_count_after(template.last_count)
