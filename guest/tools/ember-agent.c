@@ -692,6 +692,22 @@ static int not_regular(int fd)
 	return S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
 }
 
+/* Opens path (flags plus O_CLOEXEC, O_NOCTTY and O_NONBLOCK) as a regular file.
+ * The fd; or -1 once the error has been sent to the client, *rc being what
+ * send_error returned (the handler's own return value). */
+static int open_regular(int conn, const char *path, int flags, int *rc)
+{
+	int fd = open(path, flags | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	int err = fd < 0 ? errno : not_regular(fd);
+	if (err) {
+		if (fd >= 0)
+			close(fd);
+		*rc = send_error(conn, path, err);
+		return -1;
+	}
+	return fd;
+}
+
 /* READ_FILE: path string. The file's bytes as FILE_DATA frames of at most
  * CHUNK bytes, then OK. Only a regular file is read (O_NONBLOCK so that a
  * FIFO cannot block the open; the S_ISREG check then refuses it), so the
@@ -706,14 +722,10 @@ static int handle_read_file(int conn, const uint8_t *payload, uint32_t len)
 	char *p = get_string(&c, MAX_PATH, &a);
 	if (c.bad || c.left != 0 || p[0] != '/')
 		return send_error(conn, "malformed READ_FILE: needs an absolute path", 0), -1;
-	int fd = open(p, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	int rc, err;
+	int fd = open_regular(conn, p, O_RDONLY, &rc);
 	if (fd < 0)
-		return send_error(conn, p, errno);
-	int err = not_regular(fd);
-	if (err) {
-		close(fd);
-		return send_error(conn, p, err);
-	}
+		return rc;
 	for (;;) {
 		ssize_t n = read(fd, iobuf, CHUNK);
 		if (n < 0 && errno == EINTR)
@@ -747,16 +759,12 @@ static int handle_append_file(int conn, const uint8_t *payload, uint32_t len)
 	const uint8_t *data = get_bytes(&c, MAX_PAYLOAD, &dlen);
 	if (c.bad || c.left != 0 || p[0] != '/')
 		return send_error(conn, "malformed APPEND_FILE: needs an absolute path and data", 0), -1;
-	int fd = open(p, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK);
+	int rc;
+	int fd = open_regular(conn, p, O_WRONLY | O_APPEND | O_NOFOLLOW, &rc);
 	if (fd < 0)
-		return send_error(conn, p, errno);
-	int err = not_regular(fd);
-	if (err) {
-		close(fd);
-		return send_error(conn, p, err);
-	}
+		return rc;
 	if (write_all(fd, data, dlen) < 0) {
-		err = errno;
+		int err = errno;
 		close(fd);
 		return send_error(conn, p, err);
 	}
