@@ -350,6 +350,7 @@ def preload() -> None:
     import vmm.procname  # noqa: F401
     import vmm.vstate.persist  # noqa: F401
     import vmm.vstate.vm  # noqa: F401
+    vmm.persist.warm_state_types()  # filled once here, shared by every child the zygote forks
 
 
 def _pin_host_facts() -> None:

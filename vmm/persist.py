@@ -77,7 +77,7 @@ from vmm.devices.virtio.net import Net, NetState
 from vmm.devices.virtio.transport.mmio import MmioTransportState
 from vmm.devices.virtio.vsock import Vsock, VsockState
 from vmm.memory import GuestMemory, GuestMemoryError
-from vmm.state_tree import StateTreeError, from_tree, to_tree
+from vmm.state_tree import StateTreeError, from_tree, to_tree, warm
 from vmm.vstate.persist import VcpuKvmState, VmKvmState, VstatePersistError, save_vm
 
 log = structlog.get_logger("vmm.persist")
@@ -99,6 +99,12 @@ __all__ = [
 #: Largest state file accepted on load (a 32-vCPU VM's state is ~200 KiB).
 MAX_STATE_FILE_SIZE = 16 << 20
 _VIRTIO_KINDS: dict[str, type] = {"block": BlockState, "net": NetState, "vsock": VsockState}
+
+
+def warm_state_types() -> None:
+    """Resolve the annotations of every state type a restore reads (see `state_tree.warm`)."""
+    warm(MmioTransportState, SerialState, I8042State, VmGenIdState,
+         *_VIRTIO_KINDS.values())
 
 
 class PersistError(Exception):

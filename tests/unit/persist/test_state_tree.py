@@ -126,3 +126,18 @@ def test_dirty_tracking_marks_written_and_viewed_pages_and_resets() -> None:
     assert maps[0] == bytes([0b1100, 0, 0, 0, 0, 0, 0, 0x80])
     assert maps[1] == bytes([0b100000, 0])
     assert mem.take_dirty_bitmaps() == [bytes(8), bytes(2)]
+
+
+def test_warm_resolves_every_nested_state_type_once() -> None:
+    from vmm import state_tree
+    from vmm.persist import warm_state_types
+    state_tree._hints.cache_clear()
+    warm_state_types()
+    cached = state_tree._hints.cache_info().currsize
+    # NetState names VirtioDeviceState, QueueState, RateLimiterState and TokenBucketState: all resolved.
+    for cls in (NetState, VirtioDeviceState, QueueState, RateLimiterState, TokenBucketState, SerialState):
+        state_tree._hints(cls)
+    info = state_tree._hints.cache_info()
+    assert info.currsize == cached and info.misses == cached, info
+    assert from_tree(NetState, to_tree(_net())) == _net()  # a restore after warming needs no new resolution
+    assert state_tree._hints.cache_info().misses == cached
