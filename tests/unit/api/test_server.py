@@ -217,6 +217,36 @@ def test_a_handler_failure_is_a_500_and_the_server_goes_on(serve) -> None:
     assert get(server)[0] == 200
 
 
+def test_head_gets_headers_without_a_body_and_the_server_goes_on(serve) -> None:
+    # Found by atheris (bench/fuzz, target api): h11 refused the body of a HEAD response and the
+    # exception ended the API thread, so the VMM could no longer be controlled.
+    server, rec = serve()
+    s = connect(server)
+    s.sendall(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, headers, body = s.response("HEAD")
+    assert (status, body) == (200, b"") and int(headers["content-length"]) > 0
+    status, _, body = s.response()
+    assert status == 200 and json.loads(body)["path"] == "/y"
+    s.disconnect()
+    assert get(server)[0] == 200 and [m for m, _, _ in rec.requests] == ["HEAD", "GET", "GET"]
+
+
+def test_a_failure_while_serving_one_client_closes_only_that_client(serve, monkeypatch) -> None:
+    server, _ = serve()
+    real = server._send_reply
+
+    def failing(client, reply, **kw):
+        if client.request is not None and client.request.target == b"/fail":
+            raise RuntimeError("a bug in the server")
+        return real(client, reply, **kw)
+
+    monkeypatch.setattr(server, "_send_reply", failing)
+    s = connect(server)
+    s.sendall(b"GET /fail HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert is_closed(s)
+    assert get(server, "/ok")[0] == 200
+
+
 # --- limits -------------------------------------------------------------------------------------
 
 
