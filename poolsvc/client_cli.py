@@ -293,6 +293,10 @@ def _copy(args: argparse.Namespace, c: _Client) -> int:
             _emit(args, {"from": args.src, "to": args.dst, "bytes": total}, f"{total} bytes from {args.src}")
         return 0
     sandbox_id, path = dst
+    if path.endswith("/"):  # into a directory of the guest, under the source's name
+        if args.src == "-":
+            raise ClientError("copying stdin needs a file name in the sandbox, not a directory")
+        path += Path(args.src).name
     if args.src == "-":
         source: Any = sys.stdin.buffer
         mode = args.mode if args.mode is not None else 0o644

@@ -142,6 +142,8 @@ def test_sandbox_cp_in_and_out(ready, backend: FakeBackend, tmp_path, monkeypatc
     assert backend.last("write_file").args["mode"] == 0o750
     rc, out, _ = ready("sandbox", "cp", "--json", "sb-1:/root/in.bin", str(tmp_path))  # into a directory
     assert rc == 0 and json.loads(out)["bytes"] == len(data) and (tmp_path / "in.bin").read_bytes() == data
+    assert ready("sandbox", "cp", str(src), "sb-1:/tmp/")[0] == 0  # a guest directory: the source's name
+    assert backend.files[("sb-1", "/tmp/in.bin")] == data
     rc, out, _ = ready("sandbox", "cp", "--mode", "600", str(src), "sb-1:/root/b")
     assert rc == 0 and backend.last("write_file").args["mode"] == 0o600
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin")))
