@@ -41,7 +41,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,20 +291,26 @@ class PoolService:
                                               lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
                                               idempotency_key, deadline=deadline, cancelled=cancelled,
                                               tenant=tenant)
+        # The agent's first answer proves it is ready: the metadata write when there is
+        # metadata to give (one guest round trip instead of a PING and then a WRITE_FILE;
+        # rewriting the file is harmless, so the write is retried like a PING), else a PING.
+        request: Callable[[AgentClient], object] | None = None
+        if metadata and vm_id not in self._metadata:
+            data = json.dumps(dict(metadata), sort_keys=True).encode()
+
+            def write_metadata(client: AgentClient) -> None:
+                client.write_file(METADATA_PATH, data)
+            request = write_metadata
         try:
-            self._wait_for_agent(vm_id, deadline, cancelled)
+            self._wait_for_agent(vm_id, deadline, cancelled, request)
         except NotFound as exc:  # its VMM died while it was handed out: not "no such template"
             raise Unavailable(f"sandbox {vm_id} died before it was ready; try again") from exc
+        except AgentRequestFailed as exc:  # the agent answered, refusing the metadata
+            self._release_quietly(vm_id)
+            raise FailedPrecondition(f"cannot give sandbox {vm_id} its metadata: {exc}") from exc
         except PoolError:
             self._release_quietly(vm_id)
             raise
-        if metadata and vm_id not in self._metadata:
-            try:
-                self._agent(vm_id, self._remaining(deadline, 30.0)).write_file(
-                    METADATA_PATH, json.dumps(dict(metadata), sort_keys=True).encode())
-            except (AgentError, PoolError) as exc:
-                self._release_quietly(vm_id)
-                raise FailedPrecondition(f"cannot give sandbox {vm_id} its metadata: {exc}") from exc
         with self._lock:
             self._metadata.setdefault(vm_id, dict(metadata))
         threading.Thread(target=self._step_clock, args=(vm_id,), name="ember-clock-step", daemon=True).start()
@@ -313,8 +319,13 @@ class PoolService:
         except NotFound as exc:
             raise Unavailable(f"sandbox {vm_id} died before it was handed out; try again") from exc
 
-    def _wait_for_agent(self, vm_id: str, deadline: float | None, cancelled: threading.Event) -> None:
-        """Return once the resumed sandbox's agent answers a PING.
+    def _wait_for_agent(self, vm_id: str, deadline: float | None, cancelled: threading.Event,
+                        request: Callable[[AgentClient], object] | None = None) -> None:
+        """Return once the resumed sandbox's agent answers a PING (or carries out `request`).
+
+        `AgentRequestFailed` from `request` (the agent answered, refusing it)
+        is raised at once; every other agent error is retried until the
+        deadline.
 
         Right after a resume the guest is still handling the vsock
         TRANSPORT_RESET that every restore sends (its pre-snapshot
@@ -326,9 +337,15 @@ class PoolService:
         delay = 0.002
         while True:
             try:
-                self._agent(vm_id, max(0.5, until - time.monotonic())).ping()
+                client = self._agent(vm_id, max(0.5, until - time.monotonic()))
+                if request is None:
+                    client.ping()
+                else:
+                    request(client)
                 return
             except AgentError as exc:
+                if request is not None and isinstance(exc, AgentRequestFailed):
+                    raise
                 if cancelled.is_set():
                     raise DeadlineExceeded("the Acquire call was cancelled") from exc
                 if time.monotonic() + delay >= until:

@@ -217,6 +217,19 @@ def test_health_checking_and_exec_on_an_agent_without_exec(service, testguest) -
         list(svc.stub.Exec(svc.pb2.ExecRequest(id=sb.id, argv=["echo", "hi"]), timeout=30))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "not supported" in err.value.details()
+    # Metadata is the first thing Acquire asks of the agent: refused, the sandbox is not handed out.
+    before = set(svc.vmm_pids())
+    with pytest.raises(grpc.RpcError) as err:
+        _acquire(svc, metadata={"who": "alice"})
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "its metadata" in err.value.details() and "not supported" in err.value.details()
+    leased = [s.id for s in svc.stub.List(svc.pb2.ListRequest()).sandboxes
+              if s.state == svc.pb2.SANDBOX_STATE_LEASED]
+    assert leased == [sb.id], leased
+    deadline = time.monotonic() + 30
+    while set(svc.vmm_pids()) != before:  # the refused sandbox's VMM is destroyed (its directory goes)
+        assert time.monotonic() < deadline, (svc.vmm_pids(), before)
+        time.sleep(0.1)
     assert svc.terminate() == 0
 
 
