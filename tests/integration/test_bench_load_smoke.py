@@ -137,3 +137,20 @@ def test_sigterm_leaves_no_vmm_of_the_service(service: tuple[str, str, subproces
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert _wait_gone(run_dir, 5.0) == []
+
+
+def test_launch_cost_reports_cpu_per_launch_thread_phases_and_memory() -> None:
+    """`python -m bench.launch_cost` end to end, briefly (its numbers are for an idle host, not for CI)."""
+    out = subprocess.run([sys.executable, "-m", "bench.launch_cost", "--duration", "3", "--warm", "3", "--json"],
+                         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["load"]["launches"] > 0 and r["load"]["failures"] == 0, r["load"]
+    cpu = r["cpu_per_launch_ms"]
+    assert cpu["vmm_user"] + cpu["vmm_sys"] > 0 and cpu["host_busy"] > 0, cpu
+    threads = r["thread_cpu_ms"]
+    assert threads["ember-vmm"]["restore"] > 0, threads  # the restore runs on the main thread
+    assert threads["fc_vcpu 0"]["acquire"] > 0, threads  # the resumed guest answering the PING
+    mem = r["memory_per_vmm_total_kib"]
+    assert r["vmms_measured"] >= 3 and mem["Rss"] >= mem["Pss"] >= mem["Private_Dirty"] > 0, mem
