@@ -38,24 +38,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KVM_DEVICE = "/dev/kvm"
 DEFAULT_TIMEOUT = 60.0
 
-__all__ = ["REPO_ROOT", "VmmResult", "VmmProcess", "VmmTimeout", "kvm_available", "load_guest_build",
-           "write_vm_config", "run_vmm"]
+__all__ = ["REPO_ROOT", "VmmResult", "VmmProcess", "VmmTimeout", "kvm_available", "load_module", "load_guest_build",
+           "load_apiclient", "write_vm_config", "run_vmm"]
 
 
 def kvm_available() -> bool:
     return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
 
 
-def load_guest_build():
-    """tests/guests/build.py as a module (loaded by path: it is not part of an installed package)."""
-    name = "ember_tests_guest_build"
+def load_module(name: str, path: Path):
+    """The module at `path`, loaded once under `name` (test helpers are not an installed package)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "guests" / "build.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     sys.modules[name] = module
+    spec.loader.exec_module(module)
     return module
+
+
+def load_guest_build():
+    """tests/guests/build.py as a module."""
+    return load_module("ember_tests_guest_build", REPO_ROOT / "tests" / "guests" / "build.py")
+
+
+def load_apiclient():
+    """tests/conformance/apiclient.py (a VMM process driven through its API socket) as a module."""
+    return load_module("ember_tests_apiclient", REPO_ROOT / "tests" / "conformance" / "apiclient.py")
 
 
 class VmmTimeout(AssertionError):

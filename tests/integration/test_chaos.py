@@ -30,22 +30,13 @@ import pytest
 from bench.chaos import CHAOS_KINDS, ChaosConfig, run
 from poolsvc.agent import AgentClient
 from poolsvc.vmm_client import VmmClient
-from tests.integration.conftest import REPO_ROOT
 from tests.integration.pool_harness import Service, alive, wait_dead
 
 pytestmark = pytest.mark.kvm
 
 def _apiclient():
-    import importlib.util
-    import sys
-
-    name = "ember_tests_apiclient"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "conformance" / "apiclient.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from tests.integration.conftest import load_apiclient
+    return load_apiclient()
 
 
 def test_chaos_under_load(testguest) -> None:

@@ -31,13 +31,12 @@ import pytest
 
 from jailer import CgroupMounts, JailSpec, detect_version, limits_settings
 from poolsvc.agent import AgentClient, AgentConnectFailed
-from tests.integration.conftest import REPO_ROOT
+from tests.integration.conftest import REPO_ROOT, load_apiclient
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")]
 
-sys.path.insert(0, str(REPO_ROOT / "tests" / "conformance"))
-import apiclient  # noqa: E402
+apiclient = load_apiclient()
 
 PYTHON = os.path.realpath(sys.executable)
 EXEC_NAME = os.path.basename(PYTHON)

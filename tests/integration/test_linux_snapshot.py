@@ -27,7 +27,6 @@ RNG).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -41,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import load_apiclient
 
 from guest.images import ImagesNotBuilt, run_arg, show
 from tests.integration.netns import TapNamespace, missing_requirements
@@ -63,16 +64,7 @@ pytestmark = [
 ]
 
 
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-apiclient = _load("ember_tests_apiclient", REPO_ROOT / "tests" / "conformance" / "apiclient.py")
+apiclient = load_apiclient()
 
 # Runs once, then /init's shell takes the console (ember.exit=shell). The
 # counter waits with `read -t` on a FIFO nobody writes, a shell builtin: no

@@ -8,7 +8,6 @@ allowlist kills that VMM (SIGSYS) and nothing else.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import VmmProcess, run_vmm
+from tests.integration.conftest import VmmProcess, run_vmm, load_apiclient
 from vmm.seccomp import BUILTIN_FILTERS, Role, filters_to_json
 
 pytestmark = pytest.mark.kvm
@@ -30,16 +29,7 @@ pytestmark = pytest.mark.kvm
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-apiclient = _load("ember_tests_apiclient", REPO_ROOT / "tests" / "conformance" / "apiclient.py")
+apiclient = load_apiclient()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ Bad snapshot files are refused before any VM runs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -26,21 +25,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import load_apiclient
+
 pytestmark = pytest.mark.kvm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-apiclient = _load("ember_tests_apiclient", REPO_ROOT / "tests" / "conformance" / "apiclient.py")
+apiclient = load_apiclient()
 from tests.integration.page_server import PageServer  # noqa: E402
 
 
