@@ -176,7 +176,7 @@ def test_callers_act_in_their_namespace_and_admins_in_any() -> None:
        name=st.from_regex(TEMPLATE_NAME_RE, fullmatch=True))
 def test_pool_keys_round_trip_and_never_collide_across_tenants(tenant: str, name: str) -> None:
     assert split_pool_key(pool_key(tenant, name)) == (tenant, name)
-    other = "x" + tenant[:-1] if tenant != "x" else "y"
+    other = tenant[:-1] + ("y" if tenant[-1] != "y" else "z")  # another valid tenant name ("x" + "x"[:-1] was not)
     assert pool_key(other, name) != pool_key(tenant, name)
     assert pool_key(DEFAULT_TENANT, name) == name
 
