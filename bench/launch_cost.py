@@ -40,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .chaos import REPO_ROOT, ServiceProcess, _Rpc, _testguest
+from .chaos import REPO_ROOT, ServiceProcess, _Rpc, _testguest, service_vmms
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -116,13 +116,8 @@ def _zygote_of(service_pid: int) -> int:
 
 
 def _vmm_pids(run_dir: Path) -> dict[str, int]:
-    out = {}
-    for pidfile in run_dir.glob("*/vmm.pid"):
-        try:
-            out[pidfile.parent.name] = json.loads(pidfile.read_text())["pid"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return out
+    """sandbox id -> pid of the service's VMMs."""
+    return {vm_id: pid for pid, vm_id in service_vmms(run_dir).items()}
 
 
 def _wait_warm(rpc: _Rpc, template: str, n: int, timeout: float = 300.0) -> None:

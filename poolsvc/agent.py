@@ -637,9 +637,7 @@ class AgentClient:
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Writes ``data`` to ``path`` in the guest (replaced atomically, by rename)."""
-        reply = self._request(WriteFile(_bytes(path), mode, bytes(data)))
-        if not isinstance(reply, Ok):
-            raise AgentProtocolError(f"WRITE_FILE answered by {type(reply).__name__}")
+        self._expect_ok(WriteFile(_bytes(path), mode, bytes(data)), "WRITE_FILE")
 
     def write_file_chunks(self, path: str, chunks: Iterable[bytes], mode: int = 0o644) -> int:
         """Writes the concatenated ``chunks`` to ``path``; returns the number of bytes written.
@@ -650,25 +648,24 @@ class AgentClient:
         partly written, and a failure half-way leaves the part written.
         """
         pending = bytearray()
-        written = 0
-        started = False
+        written = 0  # also "has the first part gone": only the last part may be empty
+
+        def send(part: bytes) -> None:
+            nonlocal written
+            if written:
+                self._expect_ok(AppendFile(_bytes(path), part), "APPEND_FILE")
+            else:
+                self.write_file(path, part, mode)
+            written += len(part)
+
         for chunk in chunks:
             pending += chunk
             while len(pending) > FILE_FRAME_DATA:
-                part = bytes(pending[:FILE_FRAME_DATA])
+                send(bytes(pending[:FILE_FRAME_DATA]))
                 del pending[:FILE_FRAME_DATA]
-                if started:
-                    self._expect_ok(AppendFile(_bytes(path), part), "APPEND_FILE")
-                else:
-                    self.write_file(path, part, mode)
-                    started = True
-                written += len(part)
-        if started:
-            if pending:
-                self._expect_ok(AppendFile(_bytes(path), bytes(pending)), "APPEND_FILE")
-        else:
-            self.write_file(path, bytes(pending), mode)
-        return written + len(pending)
+        if pending or not written:
+            send(bytes(pending))
+        return written
 
     def _expect_ok(self, msg: Message, what: str) -> None:
         reply = self._request(msg)
@@ -705,6 +702,4 @@ class AgentClient:
 
     def set_time(self, ns: int) -> None:
         """Steps the guest's CLOCK_REALTIME to ``ns`` nanoseconds since the epoch."""
-        reply = self._request(SetTime(ns))
-        if not isinstance(reply, Ok):
-            raise AgentProtocolError(f"SET_TIME answered by {type(reply).__name__}")
+        self._expect_ok(SetTime(ns), "SET_TIME")

@@ -287,8 +287,7 @@ def _copy(args: argparse.Namespace, c: _Client) -> int:
                         total += len(chunk.data)
                 os.replace(part, target)  # a failed copy leaves no half file under the name
             finally:
-                if part.exists():
-                    part.unlink()
+                part.unlink(missing_ok=True)  # gone already after a successful replace
         if args.dst != "-" or args.json:
             _emit(args, {"from": args.src, "to": args.dst, "bytes": total}, f"{total} bytes from {args.src}")
         return 0

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 import grpc
 
 from . import proto
+from .agent import MAX_PATH
 from .api_types import (
     PermissionDenied,
     Unauthenticated,
@@ -211,20 +212,16 @@ def _string_map(m: Mapping[str, str], what: str) -> dict[str, str]:
     return dict(m)
 
 
-MAX_WRITE_CHUNK = 4 << 20
-MAX_GUEST_PATH = 4096
-
-
 def parse_guest_path(path: str) -> str:
-    """A path in the guest as the agent takes it: absolute, no NUL, at most 4096 bytes."""
+    """A path in the guest as the agent takes it: absolute, no NUL, at most `agent.MAX_PATH` bytes."""
     if not path:
         raise InvalidArgument("path is empty")
     if not path.startswith("/"):
         raise InvalidArgument(f"path {path[:80]!r} is not absolute")
     if "\0" in path:
         raise InvalidArgument("path contains a NUL character")
-    if len(path.encode()) > MAX_GUEST_PATH:
-        raise InvalidArgument(f"path is longer than {MAX_GUEST_PATH} bytes")
+    if len(path.encode()) > MAX_PATH:
+        raise InvalidArgument(f"path is longer than {MAX_PATH} bytes")
     return path
 
 
@@ -472,17 +469,13 @@ class PoolServicer:
             if mode > 0o7777:
                 raise InvalidArgument(f"mode {mode:#o} is above 0o7777")
 
-            def chunks() -> Iterator[bytes]:
+            def chunks() -> Iterator[bytes]:  # each message is bounded by gRPC's message size limit
                 yield first.data
                 for message in request_iterator:
                     if message.id not in ("", sandbox_id) or message.path not in ("", first.path):
                         raise InvalidArgument("a later WriteFile message names another sandbox or path")
-                    if len(message.data) > MAX_WRITE_CHUNK:
-                        raise InvalidArgument(f"a WriteFile message carries more than {MAX_WRITE_CHUNK} bytes")
                     yield message.data
 
-            if len(first.data) > MAX_WRITE_CHUNK:
-                raise InvalidArgument(f"a WriteFile message carries more than {MAX_WRITE_CHUNK} bytes")
             return self._backend.write_file(sandbox_id, path, chunks(), mode=mode, **call.kwargs())
 
         written = self._run(context, "WriteFile", act)

@@ -399,9 +399,7 @@ class PoolService:
     def exec(self, sandbox_id: str, argv: Sequence[str], *, stdin: bytes, env: Mapping[str, str],
              timeout: float | None, deadline: float | None, cancelled: threading.Event,
              caller: Caller | None = None) -> Iterator[ExecChunk]:
-        record = self._owned(sandbox_id, caller)
-        if record.api_state.value != "leased":
-            raise FailedPrecondition(f"sandbox {sandbox_id} is not leased (it is {record.api_state.value})")
+        self._leased(sandbox_id, caller)
         io_timeout = self._remaining(deadline, 3600.0)
         client = self._agent(sandbox_id, io_timeout)
         try:
@@ -420,6 +418,7 @@ class PoolService:
             raise Unavailable(f"cannot reach the sandbox's agent: {exc}") from exc
 
     def _leased(self, sandbox_id: str, caller: Caller | None) -> None:
+        """FailedPrecondition unless the caller's sandbox is leased (Exec and files need a running guest)."""
         record = self._owned(sandbox_id, caller)
         if record.api_state.value != "leased":
             raise FailedPrecondition(f"sandbox {sandbox_id} is not leased (it is {record.api_state.value})")
