@@ -833,6 +833,17 @@ static int wait_for_request(int conn, int srv, int served)
 	}
 }
 
+/* The request types and their handlers; any other type is refused. A handler
+ * returns < 0 when the connection must end. */
+static int (*const handlers[])(int conn, const uint8_t *payload, uint32_t len) = {
+	[T_PING] = handle_ping,
+	[T_EXEC] = handle_exec,
+	[T_WRITE_FILE] = handle_write_file,
+	[T_SET_TIME] = handle_set_time,
+	[T_READ_FILE] = handle_read_file,
+	[T_APPEND_FILE] = handle_append_file,
+};
+
 static void serve(int conn, int srv)
 {
 	struct timeval tv = { .tv_sec = SEND_TIMEOUT_S };
@@ -843,8 +854,7 @@ static void serve(int conn, int srv)
 			return;
 		uint8_t type = hdr[0];
 		uint32_t len = get_be32(hdr + 1);
-		if (type != T_PING && type != T_EXEC && type != T_WRITE_FILE && type != T_SET_TIME &&
-		    type != T_READ_FILE && type != T_APPEND_FILE) {
+		if (type >= sizeof(handlers) / sizeof(handlers[0]) || handlers[type] == NULL) {
 			send_error(conn, "malformed frame: unknown request type", 0);
 			return;
 		}
@@ -858,28 +868,8 @@ static void serve(int conn, int srv)
 			return;
 		}
 		int rc = -1;
-		if (recv_exact(conn, payload, len) == 0) {
-			switch (type) {
-			case T_PING:
-				rc = handle_ping(conn, payload, len);
-				break;
-			case T_EXEC:
-				rc = handle_exec(conn, payload, len);
-				break;
-			case T_WRITE_FILE:
-				rc = handle_write_file(conn, payload, len);
-				break;
-			case T_SET_TIME:
-				rc = handle_set_time(conn, payload, len);
-				break;
-			case T_READ_FILE:
-				rc = handle_read_file(conn, payload, len);
-				break;
-			case T_APPEND_FILE:
-				rc = handle_append_file(conn, payload, len);
-				break;
-			}
-		}
+		if (recv_exact(conn, payload, len) == 0)
+			rc = handlers[type](conn, payload, len);
 		free(payload);
 		if (rc < 0)
 			return;
