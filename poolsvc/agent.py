@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -560,15 +560,18 @@ class AgentClient:
             raise AgentConnectFailed(f"{self.uds_path}: CONNECT {self.port} answered {line[:64]!r}")
         decoder.feed(rest)
 
-    def _request(self, msg: Message) -> Message:
-        """One request answered by one message (PONG or OK, or ERROR)."""
+    def _request(self, msg: Message, conn: _Connection | None = None) -> Message:
+        """One request answered by one message (PONG or OK, or ERROR), on `conn` or a connection of its own."""
         deadline = time.monotonic() + self.timeout
-        conn = self._connect()
+        own = conn is None
+        if conn is None:
+            conn = self._connect()
         try:
             conn.send(msg, deadline)
             reply = conn.receive(deadline)
         finally:
-            conn.close()
+            if own:
+                conn.close()
         if isinstance(reply, Error):
             raise AgentRequestFailed(reply.message)
         return reply
@@ -667,8 +670,8 @@ class AgentClient:
             send(bytes(pending))
         return written
 
-    def _expect_ok(self, msg: Message, what: str) -> None:
-        reply = self._request(msg)
+    def _expect_ok(self, msg: Message, what: str, conn: _Connection | None = None) -> None:
+        reply = self._request(msg, conn)
         if not isinstance(reply, Ok):
             raise AgentProtocolError(f"{what} answered by {type(reply).__name__}")
 
@@ -703,3 +706,27 @@ class AgentClient:
     def set_time(self, ns: int) -> None:
         """Steps the guest's CLOCK_REALTIME to ``ns`` nanoseconds since the epoch."""
         self._expect_ok(SetTime(ns), "SET_TIME")
+
+    def refresh_clone(self, metadata: tuple[str, bytes] | None = None,
+                      clock: Callable[[], int] = time.time_ns) -> bool:
+        """What a just-resumed clone needs before it is handed out, on one connection.
+
+        ``metadata`` (path, bytes) is written first (WRITE_FILE; a refusal
+        raises `AgentRequestFailed`); then the guest's clock is stepped to
+        ``clock()``, read as the request is sent. Returns False when the
+        agent refuses SET_TIME (an agent that does not set clocks, such as
+        the test guest's): its answer still proves it ready. Every request
+        is harmless to repeat, so a caller may retry the whole call.
+        """
+        conn = self._connect()
+        try:
+            if metadata is not None:
+                path, data = metadata
+                self._expect_ok(WriteFile(_bytes(path), 0o644, bytes(data)), "WRITE_FILE", conn)
+            try:
+                self._expect_ok(SetTime(clock()), "SET_TIME", conn)
+            except AgentRequestFailed:
+                return False
+            return True
+        finally:
+            conn.close()

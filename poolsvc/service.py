@@ -41,7 +41,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,18 +291,14 @@ class PoolService:
                                               lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
                                               idempotency_key, deadline=deadline, cancelled=cancelled,
                                               tenant=tenant)
-        # The agent's first answer proves it is ready: the metadata write when there is
-        # metadata to give (one guest round trip instead of a PING and then a WRITE_FILE;
-        # rewriting the file is harmless, so the write is retried like a PING), else a PING.
-        request: Callable[[AgentClient], object] | None = None
+        # One connection to the clone's agent: its metadata written (when there is metadata to
+        # give and it was not given yet: a retried Acquire), then its clock stepped to now, so
+        # the sandbox is handed out with both done. The first answer proves the agent ready.
+        given = None
         if metadata and vm_id not in self._metadata:
-            data = json.dumps(dict(metadata), sort_keys=True).encode()
-
-            def write_metadata(client: AgentClient) -> None:
-                client.write_file(METADATA_PATH, data)
-            request = write_metadata
+            given = (METADATA_PATH, json.dumps(dict(metadata), sort_keys=True).encode())
         try:
-            self._wait_for_agent(vm_id, deadline, cancelled, request)
+            self._wait_for_agent(vm_id, deadline, cancelled, given)
         except NotFound as exc:  # its VMM died while it was handed out: not "no such template"
             raise Unavailable(f"sandbox {vm_id} died before it was ready; try again") from exc
         except AgentRequestFailed as exc:  # the agent answered, refusing the metadata
@@ -313,19 +309,19 @@ class PoolService:
             raise
         with self._lock:
             self._metadata.setdefault(vm_id, dict(metadata))
-        threading.Thread(target=self._step_clock, args=(vm_id,), name="ember-clock-step", daemon=True).start()
         try:
             return self._info(vm_id)
         except NotFound as exc:
             raise Unavailable(f"sandbox {vm_id} died before it was handed out; try again") from exc
 
     def _wait_for_agent(self, vm_id: str, deadline: float | None, cancelled: threading.Event,
-                        request: Callable[[AgentClient], object] | None = None) -> None:
-        """Return once the resumed sandbox's agent answers a PING (or carries out `request`).
+                        metadata: tuple[str, bytes] | None = None) -> None:
+        """Return once the resumed sandbox's agent has taken `metadata` and stepped its clock.
 
-        `AgentRequestFailed` from `request` (the agent answered, refusing it)
-        is raised at once; every other agent error is retried until the
-        deadline.
+        (`AgentClient.refresh_clone`; an agent that refuses SET_TIME, such as
+        the test guest's, has answered all the same.) `AgentRequestFailed`
+        (the agent refused the metadata) is raised at once; every other
+        agent error is retried until the deadline.
 
         Right after a resume the guest is still handling the vsock
         TRANSPORT_RESET that every restore sends (its pre-snapshot
@@ -337,30 +333,17 @@ class PoolService:
         delay = 0.002
         while True:
             try:
-                client = self._agent(vm_id, max(0.5, until - time.monotonic()))
-                if request is None:
-                    client.ping()
-                else:
-                    request(client)
+                self._agent(vm_id, max(0.5, until - time.monotonic())).refresh_clone(metadata)
                 return
+            except AgentRequestFailed:
+                raise
             except AgentError as exc:
-                if request is not None and isinstance(exc, AgentRequestFailed):
-                    raise
                 if cancelled.is_set():
                     raise DeadlineExceeded("the Acquire call was cancelled") from exc
                 if time.monotonic() + delay >= until:
                     raise Unavailable(f"sandbox {vm_id}'s agent does not answer: {exc}") from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-
-    def _step_clock(self, vm_id: str) -> None:
-        """Best effort: the restored guest's clock is the template's; step it to now."""
-        try:
-            self._agent(vm_id, 30.0).set_time(time.time_ns())
-        except AgentRequestFailed:
-            pass  # an agent that does not set clocks (the test guest)
-        except (AgentError, PoolError) as exc:
-            log.info("clock step skipped", sandbox=vm_id, reason=str(exc))
 
     def _release_quietly(self, vm_id: str) -> None:
         try:

@@ -272,6 +272,15 @@ class _Decoder:
         return b
 
     def varint(self) -> int:
+        pos = self.pos
+        if pos < len(self.data):
+            b = self.data[pos]
+            if b < 0x80:  # one byte: most counts, lengths and numbers in a state tree
+                self.pos = pos + 1
+                return b
+        return self._long_varint()
+
+    def _long_varint(self) -> int:
         start = self.pos
         value = 0
         for i in range(_MAX_VARINT_BYTES):

@@ -89,6 +89,18 @@ long syscall(long number, ...);
 # SAFETY: dlopen(NULL) gives the already-loaded libc; only the two
 # functions declared above are called through it.
 _libc = ffi.dlopen(None)
+# The C types passed to cffi, parsed here, once: a type given as a string is
+# parsed by pycparser on its first use, which a forked VMM would pay on
+# every restore (~1 ms each) if the zygote had not used it before forking.
+_INT = ffi.typeof("int")
+_LONG = ffi.typeof("long")
+_ULONG = ffi.typeof("unsigned long")
+_UINTPTR = ffi.typeof("uintptr_t")
+_API_P = ffi.typeof("struct uffdio_api *")
+_RANGE_P = ffi.typeof("struct uffdio_range *")
+_REGISTER_P = ffi.typeof("struct uffdio_register *")
+_COPY_P = ffi.typeof("struct uffdio_copy *")
+_ZEROPAGE_P = ffi.typeof("struct uffdio_zeropage *")
 
 UFFD_MSG_SIZE = 32
 assert ffi.sizeof("struct uffd_msg") == UFFD_MSG_SIZE
@@ -143,7 +155,7 @@ def _ioctl(fd: int, request: int, arg: object) -> int:
     # SAFETY: `arg` is a cffi struct pointer of exactly the type the request
     # number encodes (its size is part of the number); it stays alive for
     # the call because the caller holds it.
-    rc = _libc.ioctl(ffi.cast("int", fd), ffi.cast("unsigned long", request), arg)
+    rc = _libc.ioctl(ffi.cast(_INT, fd), ffi.cast(_ULONG, request), arg)
     return -ffi.errno if rc < 0 else rc
 
 
@@ -167,14 +179,14 @@ class Userfaultfd:
         if dev >= 0:
             try:
                 # SAFETY: USERFAULTFD_IOC_NEW takes its flags by value, no memory.
-                fd = _libc.ioctl(ffi.cast("int", dev), ffi.cast("unsigned long", USERFAULTFD_IOC_NEW),
-                                 ffi.cast("int", flags))
+                fd = _libc.ioctl(ffi.cast(_INT, dev), ffi.cast(_ULONG, USERFAULTFD_IOC_NEW),
+                                 ffi.cast(_INT, flags))
                 err = ffi.errno
             finally:
                 os.close(dev)
         if fd < 0:
             # SAFETY: userfaultfd(2) takes its flags by value, no memory.
-            fd = _libc.syscall(ffi.cast("long", _NR_USERFAULTFD), ffi.cast("int", flags))
+            fd = _libc.syscall(ffi.cast(_LONG, _NR_USERFAULTFD), ffi.cast(_INT, flags))
             err = ffi.errno
         if fd < 0:
             raise UffdSyscallError("cannot create a userfaultfd", err=err)
@@ -188,7 +200,7 @@ class Userfaultfd:
 
     def negotiate(self, features: int) -> None:
         """UFFDIO_API: must be the first call on a new uffd."""
-        api = ffi.new("struct uffdio_api *", {"api": UFFD_API, "features": features})
+        api = ffi.new(_API_P, {"api": UFFD_API, "features": features})
         rc = _ioctl(self.fd, UFFDIO_API, api)
         if rc < 0:
             raise UffdSyscallError(f"UFFDIO_API with features {features:#x}", err=-rc)
@@ -197,7 +209,7 @@ class Userfaultfd:
 
     def register(self, start: int, length: int) -> int:
         """Register [start, start+length) for missing-page faults; returns the range's ioctl mask."""
-        reg = ffi.new("struct uffdio_register *",
+        reg = ffi.new(_REGISTER_P,
                       {"range": {"start": start, "len": length}, "mode": UFFDIO_REGISTER_MODE_MISSING})
         rc = _ioctl(self.fd, UFFDIO_REGISTER, reg)
         if rc < 0:
@@ -205,7 +217,7 @@ class Userfaultfd:
         return int(reg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:
-        rng = ffi.new("struct uffdio_range *", {"start": start, "len": length})
+        rng = ffi.new(_RANGE_P, {"start": start, "len": length})
         rc = _ioctl(self.fd, UFFDIO_UNREGISTER, rng)
         if rc < 0:
             raise UffdSyscallError(f"UFFDIO_UNREGISTER {start:#x}+{length:#x}", err=-rc)
@@ -215,7 +227,7 @@ class Userfaultfd:
         # SAFETY: from_buffer pins `data` (immutable bytes) for as long as
         # `src` lives, which spans the ioctl; len is the buffer's own length.
         src = ffi.from_buffer(data)
-        req = ffi.new("struct uffdio_copy *", {"dst": dest, "src": int(ffi.cast("uintptr_t", src)),
+        req = ffi.new(_COPY_P, {"dst": dest, "src": int(ffi.cast(_UINTPTR, src)),
                                                 "len": len(data), "mode": 0 if wake else 1})
         rc = _ioctl(self.fd, UFFDIO_COPY, req)
         del src
@@ -226,7 +238,7 @@ class Userfaultfd:
 
     def zeropage(self, dest: int, length: int, *, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE; returns bytes zeroed or -errno."""
-        req = ffi.new("struct uffdio_zeropage *",
+        req = ffi.new(_ZEROPAGE_P,
                       {"range": {"start": dest, "len": length}, "mode": 0 if wake else 1})
         rc = _ioctl(self.fd, UFFDIO_ZEROPAGE, req)
         if rc < 0:
@@ -234,7 +246,7 @@ class Userfaultfd:
         return int(req.zeropage)
 
     def wake(self, dest: int, length: int) -> None:
-        rng = ffi.new("struct uffdio_range *", {"start": dest, "len": length})
+        rng = ffi.new(_RANGE_P, {"start": dest, "len": length})
         rc = _ioctl(self.fd, UFFDIO_WAKE, rng)
         if rc < 0 and -rc not in (errno.ENOENT, errno.ESRCH):
             raise UffdSyscallError(f"UFFDIO_WAKE {dest:#x}+{length:#x}", err=-rc)

@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The parser `main` uses, built once (`preload` builds it in the zygote, before forking: ~2 ms of
+#: argparse and gettext work a forked VMM would otherwise repeat). Parsing does not change it.
+_PARSER: argparse.ArgumentParser | None = None
+
+
+def parser() -> argparse.ArgumentParser:
+    global _PARSER
+    if _PARSER is None:
+        _PARSER = build_parser()
+    return _PARSER
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     # Unwind through the `finally` blocks: vCPUs stopped, API socket removed.
     raise SystemExit(128 + signum)
@@ -124,7 +136,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None, *, jail: JailSpec | None = None) -> int:
     """Run the VMM with command-line `argv`; `jail`: enter that jail (as ``--jail`` does; the zygote)."""
-    args = build_parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.version:
         print(f"ember-vmm v{__version__}")
         return 0
@@ -351,6 +363,7 @@ def preload() -> None:
     import vmm.vstate.persist  # noqa: F401
     import vmm.vstate.vm  # noqa: F401
     vmm.persist.warm_state_types()  # filled once here, shared by every child the zygote forks
+    parser()
 
 
 def _pin_host_facts() -> None:

@@ -74,6 +74,7 @@ def linux_pool():
             name="linux", kernel=img["kernel"], rootfs=img["rootfs"],
             boot_args=img["boot_args"] + " ember.exit=idle", vcpus=1, mem_mib=128), timeout=2400)
         print(f"\n[pool-linux] template created in {time.monotonic() - t0:.1f} s")
+        svc.template_snapshotted_at = time.time()  # type: ignore[attr-defined]
         yield svc
     finally:
         svc.cleanup()
@@ -179,6 +180,23 @@ def test_sandboxes_exec_are_isolated_and_distinct(linux_pool) -> None:
             break
         assert state == pb2.SANDBOX_STATE_RELEASING and time.monotonic() < deadline, state
         time.sleep(0.1)
+
+
+def test_an_acquired_sandbox_has_the_hosts_clock(linux_pool) -> None:
+    """Acquire steps the clone's clock: a restored guest's clock otherwise reads the template's snapshot time."""
+    svc = linux_pool
+    behind = svc.template_snapshotted_at + 30 - time.time()
+    if behind > 0:  # a clock left alone would then be at least 30 s slow
+        time.sleep(behind)
+    sb = svc.stub.Acquire(svc.pb2.AcquireRequest(template="linux"), timeout=600)
+    try:
+        before = time.time()
+        code, out, err = _exec(svc, sb.id, "date", "+%s")
+        after = time.time()
+        assert code == 0 and out.strip().isdigit(), (out, err)
+        assert before - 5 <= int(out) <= after + 5, f"guest clock {int(out)}, host {before:.0f}..{after:.0f}"
+    finally:
+        svc.stub.Release(svc.pb2.ReleaseRequest(id=sb.id))
 
 
 def _exec_in_background(svc: Service, sandbox_id: str, argv: list[str], stdin: bytes) -> tuple[threading.Thread, dict]:

@@ -114,16 +114,36 @@ _U32 = 0xFFFF_FFFF
 _ffi: Any = None
 _lib: Any = None
 _libc: Any = None
+_t: Any = None  # _CTypes of `_ffi`
 _load_lock = threading.Lock()
 
 
+class _CTypes:
+    """The C types this module passes to cffi, parsed once, when the FFI is built.
+
+    A type given to cffi as a string is parsed by pycparser on its first use
+    (~1 ms each): the zygote builds the FFI (it compiles the filters) but never
+    installs one, so with strings every forked VMM parsed these again.
+    """
+
+    def __init__(self, ffi: Any) -> None:
+        self.int = ffi.typeof("int")
+        self.long = ffi.typeof("long")
+        self.uint = ffi.typeof("unsigned int")
+        self.ulong = ffi.typeof("unsigned long")
+        self.filter_array = ffi.typeof("struct sock_filter[]")
+        self.fprog_p = ffi.typeof("struct sock_fprog *")
+        self.arg_cmp_array = ffi.typeof("struct scmp_arg_cmp[]")
+
+
 def _libs() -> tuple[Any, Any]:
-    global _ffi, _lib, _libc
+    global _ffi, _lib, _libc, _t
     with _load_lock:
         if _lib is None:
             import cffi
             _ffi = cffi.FFI()
             _ffi.cdef(_CDEF)
+            _t = _CTypes(_ffi)
             try:
                 # SAFETY: ABI-mode binding; every declaration in _CDEF matches <seccomp.h> of
                 # libseccomp 2.5 (the soname's ABI) or the libc prototypes.
@@ -201,21 +221,21 @@ class BpfProgram:
         # SAFETY: `insns` is a cffi-owned array of exactly n sock_filter records filled from
         # `code` (n * 8 bytes); `prog` points at it, and both stay referenced until the calls
         # return (the kernel copies the program during seccomp()).
-        insns = _ffi.new("struct sock_filter[]", n)
+        insns = _ffi.new(_t.filter_array, n)
         _ffi.memmove(insns, self.code, n * _INSN_SIZE)
-        prog = _ffi.new("struct sock_fprog *", {"len": n, "filter": insns})
+        prog = _ffi.new(_t.fprog_p, {"len": n, "filter": insns})
         # SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) takes only integers; it sets a per-thread
         # flag that can never be cleared, which is what a filtered thread wants.
-        rc = libc.prctl(_ffi.cast("int", _PR_SET_NO_NEW_PRIVS), _ffi.cast("unsigned long", 1),
-                        _ffi.cast("unsigned long", 0), _ffi.cast("unsigned long", 0),
-                        _ffi.cast("unsigned long", 0))
+        rc = libc.prctl(_ffi.cast(_t.int, _PR_SET_NO_NEW_PRIVS), _ffi.cast(_t.ulong, 1),
+                        _ffi.cast(_t.ulong, 0), _ffi.cast(_t.ulong, 0),
+                        _ffi.cast(_t.ulong, 0))
         if rc != 0:
             err = _ffi.errno
             raise FilterInstallError(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
         # SAFETY: seccomp(SECCOMP_SET_MODE_FILTER, flags=0, &prog): `prog` is a valid sock_fprog
         # whose filter pointer covers `len` instructions (above); flags 0 = this thread only.
-        rc = libc.syscall(_ffi.cast("long", _SYS_SECCOMP), _ffi.cast("unsigned int", _SECCOMP_SET_MODE_FILTER),
-                          _ffi.cast("unsigned int", 0), prog)
+        rc = libc.syscall(_ffi.cast(_t.long, _SYS_SECCOMP), _ffi.cast(_t.uint, _SECCOMP_SET_MODE_FILTER),
+                          _ffi.cast(_t.uint, 0), prog)
         if rc != 0:
             err = _ffi.errno
             raise FilterInstallError(f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
@@ -248,7 +268,7 @@ def compile_filter(flt: Filter) -> BpfProgram:
             conds = _merge_conditions(rule)
             # SAFETY: `cmps` holds len(conds) scmp_arg_cmp records (cffi-owned, alive for the call);
             # libseccomp copies them into the context.
-            cmps = _ffi.new("struct scmp_arg_cmp[]", max(len(conds), 1))
+            cmps = _ffi.new(_t.arg_cmp_array, max(len(conds), 1))
             for i, (arg, op, a, b) in enumerate(conds):
                 cmps[i].arg, cmps[i].op, cmps[i].datum_a, cmps[i].datum_b = arg, op, a, b
             # SAFETY: `ctx` is live, `cmps` covers `len(conds)` entries (above).

@@ -299,7 +299,8 @@ class VcpuKvmState:
             if not isinstance(entry, tuple) or len(entry) != len(_CPUID_FIELDS):
                 raise err(f"cpuid[{i}] must be ({', '.join(_CPUID_FIELDS)})")
             for name, value in zip(_CPUID_FIELDS, entry):
-                _uint(value, f"cpuid[{i}].{name}", _U32, err)
+                if type(value) is not int or not 0 <= value <= _U32:  # the message only when it fails
+                    _uint(value, f"cpuid[{i}].{name}", _U32, err)
         if not isinstance(self.msrs, tuple):
             raise err(f"msrs must be a tuple, got {type(self.msrs).__name__}")
         if len(self.msrs) > MAX_SAVED_MSRS:
@@ -308,8 +309,11 @@ class VcpuKvmState:
         for i, pair in enumerate(self.msrs):
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise err(f"msrs[{i}] must be an (index, value) pair")
-            index = _uint(pair[0], f"msrs[{i}] index", _U32, err)
-            _uint(pair[1], f"msrs[{i}] value ({_msr_name(index)})", _U64, err)
+            index, value = pair
+            if type(index) is not int or not 0 <= index <= _U32:  # the messages only when they fail
+                _uint(index, f"msrs[{i}] index", _U32, err)
+            if type(value) is not int or not 0 <= value <= _U64:
+                _uint(value, f"msrs[{i}] value ({_msr_name(index)})", _U64, err)
             if index in seen:
                 raise err(f"msrs[{i}]: MSR {_msr_name(index)} appears twice")
             seen.add(index)

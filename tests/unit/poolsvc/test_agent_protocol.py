@@ -257,6 +257,36 @@ def test_client_handshakes_and_runs_requests(muxer):
     assert seen[4] == SetTime(1_700_000_000_000_000_000)
 
 
+
+def test_refresh_clone_writes_metadata_then_steps_the_clock_on_one_connection(muxer):
+    seen = []
+
+    def serve(conn, decoder):
+        while (req := next_request(conn, decoder)) is not None:
+            seen.append(req)
+            if isinstance(req, WriteFile) and req.path == b"/refused":
+                conn.sendall(encode(Error("read-only file system")))
+            elif isinstance(req, SetTime) and req.ns == 1:
+                conn.sendall(encode(Error("unknown request type 4")))  # an agent without clocks
+            else:
+                conn.sendall(encode(Ok()))
+
+    m = muxer(serve)
+    client = AgentClient(str(m.path), port=52, timeout=5)
+    assert client.refresh_clone(("/run/ember/metadata.json", b'{"a": "b"}'), clock=lambda: 1_800_000_000_000_000_000)
+    assert seen == [WriteFile(b"/run/ember/metadata.json", 0o644, b'{"a": "b"}'), SetTime(1_800_000_000_000_000_000)]
+    assert m.connect_lines == [b"CONNECT 52\n"]
+    # Without metadata: the clock alone; a refused SET_TIME is an answer all the same.
+    seen.clear()
+    assert client.refresh_clone(clock=lambda: 5)
+    assert client.refresh_clone(clock=lambda: 1) is False
+    assert seen == [SetTime(5), SetTime(1)]
+    # A refused metadata write is the caller's error, and the clock is then left alone.
+    seen.clear()
+    with pytest.raises(AgentRequestFailed, match="read-only"):
+        client.refresh_clone(("/refused", b"{}"), clock=lambda: 7)
+    assert seen == [WriteFile(b"/refused", 0o644, b"{}")]
+
 def test_client_reports_each_failure_as_its_error(muxer, tmp_path):
     with pytest.raises(AgentConnectionError, match="cannot connect"):
         AgentClient(str(tmp_path / "missing.sock"), timeout=2).ping()
