@@ -160,13 +160,20 @@ def _check_sun_path(path: Path, extra: int = 0) -> None:
                             "bytes): choose a shorter run root")
 
 
-def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+def _write_json_atomic(path: Path, doc: dict[str, Any], *, durable: bool = True) -> None:
+    """Write `doc` to `path` by rename: readers see the old file or the new one, never a part.
+
+    ``durable=False`` skips the fsync, for records of running processes: a
+    service that crashes finds them in the page cache, and a host that
+    crashes has no processes left for them to name (~2 ms a launch here).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -825,7 +832,8 @@ class ZygoteClient:
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, close_fds=True,
                 env=_subprocess_env())
         _write_json_atomic(self.socket_path.with_name(_ZYGOTE_PID),
-                           {"pid": self.proc.pid, "start_time": process_start_time(self.proc.pid) or 0})
+                           {"pid": self.proc.pid, "start_time": process_start_time(self.proc.pid) or 0},
+                           durable=False)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
@@ -1044,7 +1052,7 @@ class Launcher:
         if jailed is not None:
             # A direct VMM enters the jail itself (without a PID namespace: nobody forks it into one).
             spec_file = workdir / "jail.json"
-            _write_json_atomic(spec_file, jailed.spec.with_(new_pid_ns=False).to_json())
+            _write_json_atomic(spec_file, jailed.spec.with_(new_pid_ns=False).to_json(), durable=False)
             argv += ["--jail", str(spec_file)]
         fd_in = os.open(stdin, os.O_RDWR) if stdin is not None else subprocess.DEVNULL
         try:
@@ -1109,7 +1117,7 @@ class Launcher:
                               agent_port=info.agent_port, template=template_name, start_time=start_time,
                               net=slot)
             _write_json_atomic(workdir / _PID_FILE, {"pid": pid, "start_time": start_time, "vm_id": vm_id,
-                                                     "template": template_name})
+                                                     "template": template_name}, durable=False)
             with self._lock:
                 self._handles[vm_id] = handle
             client = VmmClient(api_sock, timeout=self.api_timeout)
