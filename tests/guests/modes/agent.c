@@ -20,8 +20,9 @@
  *
  * Console lines: `AGENT LISTENING <port>` once ready, `AGENT CONN <peer port>`
  * per accepted connection, `AGENT PING <n>` per answered ping, `AGENT ERROR
- * <reason>` per request refused. agent.timeout_ms= (default 0: none) ends the
- * mode with PASS after that long, for tests that want the VMM to exit.
+ * <request type, hex>` per request refused, `AGENT RESET` per transport
+ * reset. agent.timeout_ms= (default 0: none) ends the mode with PASS after
+ * that long, for tests that want the VMM to exit.
  */
 #include "virtio.h"
 
@@ -134,7 +135,9 @@ static void queue_reply(struct conn *c, u8 type, const void *payload, u32 len, i
 }
 
 static void refuse(struct conn *c, const char *msg) {
-    tg_printf("AGENT ERROR %s\n", msg);
+    /* The type, not the message (the host has that): every console byte is an
+     * exit, and the pool's SET_TIME at each Acquire is refused here. */
+    tg_printf("AGENT ERROR %x\n", (unsigned)c->hdr[0]);
     queue_reply(c, T_ERROR, msg, (u32)strlen(msg), 1);
 }
 
@@ -280,7 +283,7 @@ static unsigned poll_queues(void) {
             /* After a snapshot restore every connection is gone (§5.10.6.6). */
             for (unsigned i = 0; i < MAX_CONNS; i++)
                 conns[i].state = C_FREE;
-            tg_printf("AGENT TRANSPORT RESET\n");
+            tg_printf("AGENT RESET\n");
         }
         post_event(e);
         ev++;
