@@ -343,6 +343,9 @@ def _install_vmm_filter(vmm: Vmm) -> None:
         vmm.request_exit(VmExit(ExitKind.ERROR, f"cannot install the vmm seccomp filter: {exc}", -1))
 
 
+_PRELOADED = False
+
+
 def preload() -> None:
     """Import every module a VMM may need while it runs (the zygote and a jailed VMM call this).
 
@@ -352,6 +355,9 @@ def preload() -> None:
     tests/integration/test_jailer.py (a jailed VMM boots, snapshots and
     restores with `ImportWatch` on, and no import is seen).
     """
+    global _PRELOADED
+    if _PRELOADED:  # a zygote's child: done before the fork
+        return
     import vmm.api  # noqa: F401
     import vmm.builder  # noqa: F401
     import vmm.config  # noqa: F401
@@ -364,6 +370,7 @@ def preload() -> None:
     import vmm.vstate.vm  # noqa: F401
     vmm.persist.warm_state_types()  # filled once here, shared by every child the zygote forks
     parser()
+    _PRELOADED = True
 
 
 def _pin_host_facts() -> None:
