@@ -117,16 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: The parser `main` uses, built once (`preload` builds it in the zygote, before forking: ~2 ms of
-#: argparse and gettext work a forked VMM would otherwise repeat). Parsing does not change it.
-_PARSER: argparse.ArgumentParser | None = None
-
-
+@functools.cache
 def parser() -> argparse.ArgumentParser:
-    global _PARSER
-    if _PARSER is None:
-        _PARSER = build_parser()
-    return _PARSER
+    """The parser `main` uses, built once (`preload` builds it in the zygote, before forking: ~2 ms of
+    argparse and gettext work a forked VMM would otherwise repeat). Parsing does not change it."""
+    return build_parser()
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

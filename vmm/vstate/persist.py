@@ -41,7 +41,7 @@ import ctypes
 import errno
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from vmm.arch.x86_64 import lapic as apic
 from vmm.arch.x86_64 import msr as msrs
@@ -228,11 +228,12 @@ def _blob(value: Any, where: str, size: int, error: type[VstatePersistError]) ->
     return value
 
 
-def _uint(value: Any, where: str, maximum: int, error: type[VstatePersistError]) -> int:
+def _uint(value: Any, where: str | Callable[[], str], maximum: int, error: type[VstatePersistError]) -> int:
+    """`value` if it is an int in 0..maximum, else `error` naming `where` (a callable: built only then)."""
     if type(value) is not int:  # bool is an int subclass: refuse it too
-        raise error(f"{where} must be an integer, got {type(value).__name__}")
+        raise error(f"{where if isinstance(where, str) else where()} must be an integer, got {type(value).__name__}")
     if not 0 <= value <= maximum:
-        raise error(f"{where} = {value} is out of range 0..{maximum:#x}")
+        raise error(f"{where if isinstance(where, str) else where()} = {value} is out of range 0..{maximum:#x}")
     return value
 
 
@@ -299,8 +300,7 @@ class VcpuKvmState:
             if not isinstance(entry, tuple) or len(entry) != len(_CPUID_FIELDS):
                 raise err(f"cpuid[{i}] must be ({', '.join(_CPUID_FIELDS)})")
             for name, value in zip(_CPUID_FIELDS, entry):
-                if type(value) is not int or not 0 <= value <= _U32:  # the message only when it fails
-                    _uint(value, f"cpuid[{i}].{name}", _U32, err)
+                _uint(value, lambda: f"cpuid[{i}].{name}", _U32, err)  # ~400 values: no message unless one fails
         if not isinstance(self.msrs, tuple):
             raise err(f"msrs must be a tuple, got {type(self.msrs).__name__}")
         if len(self.msrs) > MAX_SAVED_MSRS:
@@ -309,11 +309,8 @@ class VcpuKvmState:
         for i, pair in enumerate(self.msrs):
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise err(f"msrs[{i}] must be an (index, value) pair")
-            index, value = pair
-            if type(index) is not int or not 0 <= index <= _U32:  # the messages only when they fail
-                _uint(index, f"msrs[{i}] index", _U32, err)
-            if type(value) is not int or not 0 <= value <= _U64:
-                _uint(value, f"msrs[{i}] value ({_msr_name(index)})", _U64, err)
+            index = _uint(pair[0], lambda: f"msrs[{i}] index", _U32, err)
+            _uint(pair[1], lambda: f"msrs[{i}] value ({_msr_name(index)})", _U64, err)
             if index in seen:
                 raise err(f"msrs[{i}]: MSR {_msr_name(index)} appears twice")
             seen.add(index)
