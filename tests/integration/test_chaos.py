@@ -30,13 +30,10 @@ import pytest
 from bench.chaos import CHAOS_KINDS, ChaosConfig, run
 from poolsvc.agent import AgentClient
 from poolsvc.vmm_client import VmmClient
+from tests.integration.conftest import load_apiclient
 from tests.integration.pool_harness import Service, alive, wait_dead
 
 pytestmark = pytest.mark.kvm
-
-def _apiclient():
-    from tests.integration.conftest import load_apiclient
-    return load_apiclient()
 
 
 def test_chaos_under_load(testguest) -> None:
@@ -118,7 +115,7 @@ def test_a_crashed_services_clients_never_reach_the_next_services_sandboxes(home
 
 def test_a_snapshot_create_with_no_room_for_its_state_file_leaves_no_file(tmp_path, testguest) -> None:
     """Regression: the memory file fit, the state file did not, and the memory file stayed."""
-    api = _apiclient()
+    api = load_apiclient()
     work = Path(tempfile.mkdtemp(prefix="ecf-"))
     full = work / "full"
     full.mkdir()

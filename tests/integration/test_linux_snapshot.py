@@ -41,9 +41,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import load_apiclient
-
 from guest.images import ImagesNotBuilt, run_arg, show
+from tests.integration.conftest import load_apiclient
 from tests.integration.netns import TapNamespace, missing_requirements
 from tests.integration.page_server import PageServer
 

@@ -257,7 +257,6 @@ def test_client_handshakes_and_runs_requests(muxer):
     assert seen[4] == SetTime(1_700_000_000_000_000_000)
 
 
-
 def test_refresh_clone_writes_metadata_then_steps_the_clock_on_one_connection(muxer):
     seen = []
 
@@ -286,6 +285,7 @@ def test_refresh_clone_writes_metadata_then_steps_the_clock_on_one_connection(mu
     with pytest.raises(AgentRequestFailed, match="read-only"):
         client.refresh_clone(("/refused", b"{}"), clock=lambda: 7)
     assert seen == [WriteFile(b"/refused", 0o644, b"{}")]
+
 
 def test_client_reports_each_failure_as_its_error(muxer, tmp_path):
     with pytest.raises(AgentConnectionError, match="cannot connect"):
