@@ -6,11 +6,20 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # Host packages Ember itself needs (the guest image build installs its own).
 HOST_PACKAGES=(python3 python3-venv python3-dev gcc make libffi-dev iproute2 e2fsprogs busybox-static cpio acpica-tools nftables conntrack util-linux libseccomp2)
 
-ensure_host_packages() {
-    if [ "$(id -u)" != 0 ]; then
-        echo "Ember needs root (for /dev/kvm, TAP devices and package installs): run with sudo" >&2
-        exit 1
+# Re-run the calling script ($1: its name under scripts/) as root through sudo when not root
+# already; a root shell (where sudo may not even be installed) runs it as it is.
+become_root() {
+    local script=$1
+    shift
+    [ "$(id -u)" = 0 ] && return 0
+    if command -v sudo >/dev/null; then
+        exec sudo --preserve-env=EMBER_HOME,EMBER_VENV "$PWD/scripts/$script" "$@"
     fi
+    echo "Ember needs root (for /dev/kvm, TAP devices and package installs): run this as root" >&2
+    exit 1
+}
+
+ensure_host_packages() {
     [ -e /dev/kvm ] || { echo "/dev/kvm is missing: Ember needs KVM" >&2; exit 1; }
     local missing=()
     for p in "${HOST_PACKAGES[@]}"; do

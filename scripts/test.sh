@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+become_root test.sh "$@"
 ensure_host_packages
 ensure_venv
 log "building guest images (cached)"
