@@ -3,7 +3,8 @@
 Every thread of a running VMM — booted, restored from a snapshot, or forked
 by the zygote — runs under exactly one filter (its role's), `--no-seccomp`
 runs none, and a guest that makes a VMM thread call something outside its
-allowlist kills that VMM (SIGSYS) and nothing else.
+allowlist kills that VMM (SIGSYS) and nothing else. A stop and continue
+(SIGSTOP/SIGCONT, as a debugger or a cgroup freeze does) does not.
 """
 
 from __future__ import annotations
@@ -114,6 +115,24 @@ def test_every_thread_of_a_booted_vmm_has_its_one_filter(api_vmm, testguest) -> 
     echo(proc, "resumed")
     assert proc.terminate() == 128 + signal.SIGTERM, proc.describe()
     assert not os.path.exists(proc.sock)
+
+
+def test_a_filtered_vmm_survives_sigstop_and_sigcont(api_vmm, testguest) -> None:
+    # Every thread sleeps with a timeout (epoll_wait, futex); a stop interrupts those sleeps and
+    # the kernel resumes them through restart_syscall, which each filter must allow.
+    proc = api_vmm()
+    boot(proc, testguest)
+    proc.wait_for_output("ECHO READY")
+    wait_all_filtered(proc.proc.pid, {"ember-vmm", "fc_api", "fc_metrics", "fc_vcpu 0"})
+    for _ in range(3):
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        time.sleep(0.3)
+    assert proc.proc.poll() is None, proc.describe()
+    echo(proc, "continued")
+    assert proc.api.get("/").status == 200
+    assert proc.terminate() == 128 + signal.SIGTERM, proc.describe()
 
 
 def test_no_seccomp(api_vmm, testguest) -> None:

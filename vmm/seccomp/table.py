@@ -117,6 +117,8 @@ PYTHON_RUNTIME: tuple[Rule, ...] = (
     _allow("clock_gettime", "time.monotonic/time.time when the clock source has no vDSO fast path"),
     _allow("rt_sigreturn", "return from a signal handler (the vCPU kick, SIGTERM) on whichever thread took it"),
     _allow("rt_sigprocmask", "glibc blocks signals in a thread that is ending"),
+    _allow("restart_syscall", "the kernel restarts a sleep (epoll_wait, futex or select with a timeout) that "
+           "SIGSTOP/SIGCONT, a cgroup freeze or a debugger interrupted"),
     _allow("write", "log lines (stderr or the log FIFO), eventfd notifications"),
     _allow("close", "a garbage collection may close a file or socket on any thread"),
     _allow("exit", "a thread ends"),
