@@ -39,9 +39,9 @@ def vsock_dir():
 
 @pytest.fixture
 def agent_vm(testguest, spawn_vmm, vsock_dir):
-    """A running test guest in mode=agent; yields (vmm, uds_path)."""
+    """A running test guest in mode=agent, printing a line per request; yields (vmm, uds_path)."""
     uds = vsock_dir / "v.sock"
-    vmm = spawn_vmm(testguest, "mode=agent",
+    vmm = spawn_vmm(testguest, "mode=agent agent.log=1",
                     config_extra={"vsock": {"guest_cid": GUEST_CID, "uds_path": str(uds)}})
     vmm.wait_for_output(r"^AGENT LISTENING 52 cid=3", timeout=60)
     yield vmm, uds
@@ -78,6 +78,23 @@ def test_agent_client_pings_the_test_guest_repeatedly(agent_vm):
         assert client.ping() == "testguest"
     vmm.wait_for_output(r"^AGENT PING 5\b", timeout=20)
     assert "TESTGUEST agent FAIL" not in vmm.stdout
+
+
+@pytest.mark.kvm
+def test_the_test_guest_prints_no_line_per_request_by_default(testguest, spawn_vmm, vsock_dir):
+    # Pool templates use plain mode=agent: console bytes are emulated exits, so a line per
+    # request would be counted in every Acquire of a test-guest template.
+    uds = vsock_dir / "v.sock"
+    vmm = spawn_vmm(testguest, "mode=agent", config_extra={"vsock": {"guest_cid": GUEST_CID, "uds_path": str(uds)}})
+    vmm.wait_for_output(r"^AGENT LISTENING 52 cid=3", timeout=60)
+    client = AgentClient(str(uds), timeout=20)
+    for _ in range(3):
+        assert client.ping() == "testguest"
+    with pytest.raises(AgentRequestFailed):
+        client.run(["true"])
+    assert AgentClient(str(uds), timeout=20).ping() == "testguest"
+    lines = [line for line in vmm.stdout.splitlines() if line.startswith("AGENT")]
+    assert lines == ["AGENT LISTENING 52 cid=3"], lines
 
 
 @pytest.mark.kvm

@@ -18,15 +18,15 @@
  * under credit flow control (buf_alloc/fwd_cnt in every header); a peer's
  * SHUTDOWN with both flags is answered with RST, which frees the slot.
  *
- * Console lines: `AGENT LISTENING <port>` once ready and, unless agent.log=0,
+ * Console lines: `AGENT LISTENING <port>` once ready and, with agent.log=1,
  * `AGENT CONN <peer port>` per accepted connection, `AGENT PING <n>` per
  * answered ping, `AGENT ERROR <request type, hex>` per request refused and
- * `AGENT RESET` per transport reset. Every console byte is two emulated exits
- * on a nested host (about 0.25 ms there), so a ping's two lines cost more than
- * the ping itself: pool benchmarks pass agent.log=0, which keeps the guest's
- * share of an Acquire to the vsock round trip. agent.timeout_ms= (default 0:
- * none) ends the mode with PASS after that long, for tests that want the VMM
- * to exit.
+ * `AGENT RESET` per transport reset. Those are off by default: every console
+ * byte is two emulated exits on a nested host (about 0.25 ms there), so a
+ * ping's two lines cost more than the ping itself and would be counted as the
+ * guest's share of every pool Acquire. agent.timeout_ms= (default 0: none)
+ * ends the mode with PASS after that long, for tests that want the VMM to
+ * exit.
  */
 #include "virtio.h"
 
@@ -97,7 +97,7 @@ static unsigned ntx_free;
 static struct { u32 src_port, dst_port; } pending_rst[MAX_PENDING_RST];
 static unsigned npending_rst;
 static u64 pings;
-static int log_requests = 1; /* agent.log= */
+static int log_requests; /* agent.log= */
 
 static void post_rx(struct rx_chain *c) {
     struct virtq_buf b[2] = { { (u64)&c->hdr, HDR_LEN, VIRTQ_DESC_F_WRITE },
@@ -387,7 +387,7 @@ static void flush(void) {
 int mode_agent(void) {
     u64 port = tg_cmdline_u64("agent.port", 52);
     u64 timeout_ms = tg_cmdline_u64("agent.timeout_ms", 0);
-    log_requests = tg_cmdline_u64("agent.log", 1) != 0;
+    log_requests = tg_cmdline_u64("agent.log", 0) != 0;
     if (port == 0 || port > 0xffffffffull)
         tg_fail("agent: agent.port out of range");
     virtio_scan();
