@@ -33,6 +33,10 @@ class FakeLauncher:
         self.restore_gate.set()
         self.resume_gate = threading.Event()
         self.resume_gate.set()
+        self.destroy_gate = threading.Event()
+        self.destroy_gate.set()
+        self.destroying = 0
+        self.max_destroying = 0
         self.restore_calls: list[tuple[float, str]] = []
         self.vms: dict[str, FakeVm] = {}
 
@@ -57,6 +61,11 @@ class FakeLauncher:
 
     def destroy(self, handle: FakeVm) -> None:
         with self.lock:
+            self.destroying += 1
+            self.max_destroying = max(self.max_destroying, self.destroying)
+        self.destroy_gate.wait(5)
+        with self.lock:
+            self.destroying -= 1
             handle.destroys += 1
             handle.alive = False
 
@@ -217,6 +226,23 @@ def test_release_destroys_exactly_once(make_runtime, launcher):
         other, _ = rt.acquire("py", timeout=5)
         assert other != vm_id
         rt.release(other)
+
+
+def test_slow_destroys_run_four_at_a_time(make_runtime, launcher):
+    # A real destroy waits ~45 ms for the killed VMM to exit on a busy host, and the VM counts
+    # against the host budget until it has: the lane must keep up with a high release rate.
+    rt = make_runtime()
+    rt.set_pool("py", 6, 6)
+    wait_for(lambda: rt.status("py").warm == 6)
+    launcher.destroy_gate.clear()
+    held = [rt.acquire("py", timeout=5)[0] for _ in range(6)]
+    for vm_id in held:
+        rt.release(vm_id)
+    wait_for(lambda: launcher.destroying == 4)
+    time.sleep(0.05)
+    assert launcher.max_destroying == 4
+    launcher.destroy_gate.set()
+    wait_for(lambda: set(held) <= set(launcher.destroyed()))
 
 
 def test_deadline_while_restoring_leaves_the_vm_to_the_pool(make_runtime, launcher):
