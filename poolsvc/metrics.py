@@ -9,7 +9,8 @@ Two parts:
 * `ServiceMetrics` — the Prometheus side, on `prometheus_client` with a
   registry of its own (several services may live in one test process):
   histograms of Acquire hand-out and restore latency, counters of restores,
-  restore failures, releases and VMM deaths by cause, and, read at scrape
+  restore failures, releases, VMM deaths by cause and retried connections
+  to a clone's agent, and, read at scrape
   time from the runtime (a collector, so a gauge is never stale), each
   pool's warm/leased/restoring counts, its launch rate and committed guest
   memory, and the host budget's usage. `serve(addr)` exposes
@@ -148,6 +149,9 @@ class ServiceMetrics:
         self.releases = Counter("ember_releases", "Sandboxes released", ["template"], registry=r)
         self.vmm_deaths = Counter("ember_vmm_deaths", "VMM processes found dead, by cause", ["template", "cause"],
                                   registry=r)
+        self.agent_retries = Counter(
+            "ember_agent_retries", "Acquire: connections to a clone's agent tried again after the first failed",
+            ["template"], registry=r)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
@@ -176,6 +180,10 @@ class ServiceMetrics:
 
     def died(self, template: str, cause: str) -> None:
         self.vmm_deaths.labels(template, cause).inc()
+
+    def agent_retried(self, template: str) -> None:
+        """An Acquire's connection to its clone's agent failed and is tried again (the service calls it)."""
+        self.agent_retries.labels(template).inc()
 
     # -- the endpoint ---------------------------------------------------------------------------
 

@@ -298,7 +298,7 @@ class PoolService:
         if metadata and vm_id not in self._metadata:
             given = (METADATA_PATH, json.dumps(dict(metadata), sort_keys=True).encode())
         try:
-            self._wait_for_agent(vm_id, deadline, cancelled, given)
+            self._wait_for_agent(vm_id, template, deadline, cancelled, given)
         except NotFound as exc:  # its VMM died while it was handed out: not "no such template"
             raise Unavailable(f"sandbox {vm_id} died before it was ready; try again") from exc
         except AgentRequestFailed as exc:  # the agent answered, refusing the metadata
@@ -314,7 +314,7 @@ class PoolService:
         except NotFound as exc:
             raise Unavailable(f"sandbox {vm_id} died before it was handed out; try again") from exc
 
-    def _wait_for_agent(self, vm_id: str, deadline: float | None, cancelled: threading.Event,
+    def _wait_for_agent(self, vm_id: str, template: str, deadline: float | None, cancelled: threading.Event,
                         metadata: tuple[str, bytes] | None = None) -> None:
         """Return once the resumed sandbox's agent has taken `metadata` and stepped its clock.
 
@@ -326,6 +326,9 @@ class PoolService:
         Right after a resume the guest is still handling the vsock
         TRANSPORT_RESET that every restore sends (its pre-snapshot
         connections are gone), and a CONNECT can be refused for that moment.
+        Each retry is counted (`ember_agent_retries_total`): with the VMM's
+        hold on RX until the guest acknowledges the reset and its fresh
+        host-side ports, a healthy clone answers the first connection.
         """
         until = time.monotonic() + AGENT_ANSWER_TIMEOUT_S
         if deadline is not None:
@@ -342,6 +345,7 @@ class PoolService:
                     raise DeadlineExceeded("the Acquire call was cancelled") from exc
                 if time.monotonic() + delay >= until:
                     raise Unavailable(f"sandbox {vm_id}'s agent does not answer: {exc}") from exc
+            self.metrics.agent_retried(template)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 

@@ -99,8 +99,10 @@ __all__ = [
 ]
 
 MAGIC = b"EMBERSNP"
-# (major, minor) of the format this code writes; it reads (major, 0..minor).
-FORMAT_VERSION = (1, 0)
+# (major, minor) of the format this code writes; it reads (major, 0..minor). A minor adds
+# fields that older readers would refuse as unknown; a newer reader gives them defaults.
+# 1.1: the vsock device's local_port_last.
+FORMAT_VERSION = (1, 1)
 
 _PREFIX = struct.Struct("<8sHH")  # magic, major, minor: stable across majors
 _HEADER = struct.Struct("<8sHHIQ32s")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -140,3 +141,12 @@ def wait_dead(pid: int, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def metric_value(svc: Service, line_prefix: str) -> float:
+    """The value of the service's metric sample whose line starts with `line_prefix` (0 if it has none yet)."""
+    with urllib.request.urlopen(f"http://{svc.metrics_addr}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(line_prefix):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -35,7 +35,7 @@ import pytest
 
 from guest.images import ImagesNotBuilt, show
 from poolsvc import netslots
-from tests.integration.pool_harness import Service, wait_dead
+from tests.integration.pool_harness import Service, metric_value, wait_dead
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux, pytest.mark.timeout(3600)]
 
@@ -179,6 +179,20 @@ def test_sandboxes_exec_are_isolated_and_distinct(linux_pool) -> None:
             break
         assert state == pb2.SANDBOX_STATE_RELEASING and time.monotonic() < deadline, state
         time.sleep(0.1)
+
+
+def test_each_clones_agent_answers_the_first_connection(linux_pool) -> None:
+    """Acquire connects to a clone's agent once. A clone whose host-side vsock port repeated one the
+    template's guest still had a socket for was refused (RST) at its first connection, every time:
+    a wasted round trip through the emulated guest kernel in each Acquire."""
+    svc = linux_pool
+    pb2 = svc.pb2
+    retries = 'ember_agent_retries_total{template="linux"}'
+    before = metric_value(svc, retries)
+    for _ in range(3):
+        sb = svc.stub.Acquire(pb2.AcquireRequest(template="linux"), timeout=600)
+        svc.stub.Release(pb2.ReleaseRequest(id=sb.id), timeout=120)
+    assert metric_value(svc, retries) == before
 
 
 def test_acquire_steps_the_guests_clock_to_the_hosts(linux_pool) -> None:

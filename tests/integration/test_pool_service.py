@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from poolsvc.agent import AgentClient
-from tests.integration.pool_harness import Service, alive, wait_dead
+from tests.integration.pool_harness import Service, alive, metric_value, wait_dead
 
 pytestmark = pytest.mark.kvm
 
@@ -144,6 +144,21 @@ def test_a_killed_warm_vmm_is_noticed_and_replaced(service, testguest) -> None:
     assert 'ember_vmm_deaths_total{cause="killed by SIGKILL",template="tg"} 1.0' in metrics
     assert 'ember_pool_sandboxes{state="warm",template="tg"} 2.0' in metrics
     assert 'ember_restores_total{outcome="ok",template="tg"}' in metrics
+    assert svc.terminate() == 0
+
+
+def test_each_acquire_reaches_the_agent_at_the_first_connection(service, testguest) -> None:
+    # A refused first connection costs a guest round trip and a retry in every Acquire.
+    svc = service()
+    pb2 = svc.pb2
+    _template(svc, testguest)
+    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=2, max_warm=2))
+    svc.wait_pool("tg", 2)
+    for _ in range(4):
+        sb = _acquire(svc)
+        assert AgentClient(sb.agent.vsock_uds_path, sb.agent.port, timeout=20).ping() == "testguest"
+        svc.stub.Release(pb2.ReleaseRequest(id=sb.id))
+    assert metric_value(svc, 'ember_agent_retries_total{template="tg"}') == 0
     assert svc.terminate() == 0
 
 

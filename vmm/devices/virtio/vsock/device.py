@@ -312,10 +312,11 @@ class Vsock(VirtioDevice):
     # --- persistence -----------------------------------------------------------------------------
 
     def state(self) -> VsockState:
-        """Config and queues; connections are not saved (the restored device resets the transport)."""
+        """Config, queues and the last host-side port; not the connections (a restored device resets them)."""
         with self.lock:
             return VsockState(guest_cid=self.guest_cid, uds_path=self.uds_path,
-                              queue_size=self.queues[0].max_size, virtio=self.virtio_state())
+                              queue_size=self.queues[0].max_size, virtio=self.virtio_state(),
+                              local_port_last=self.muxer.local_port_last)
 
     @classmethod
     def from_state(cls, state: VsockState, mem: GuestMemory, interrupt: VirtioInterrupt, *,
@@ -325,7 +326,8 @@ class Vsock(VirtioDevice):
         `VsockStateInvalid` for a bad state, `VsockError` if the socket cannot
         be bound. If the device was active, its first `kick()` (once the VM
         runs) sends a TRANSPORT_RESET so the guest drops the connections the
-        snapshot remembers.
+        snapshot remembers; host-initiated connections take ports after the
+        snapshot's last one.
         """
         validate_vsock_state(state)
         vsock = cls(state.guest_cid, uds_path if uds_path is not None else state.uds_path,
@@ -335,6 +337,7 @@ class Vsock(VirtioDevice):
         except VirtioDeviceError as exc:
             vsock.close()
             raise VsockStateInvalid(str(exc)) from exc
+        vsock.muxer.resume_local_ports(state.local_port_last)  # validated above
         vsock.transport_reset_due = vsock.is_activated
         return vsock
 

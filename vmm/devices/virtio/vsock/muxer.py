@@ -49,6 +49,7 @@ import errno
 import heapq
 import itertools
 import os
+import secrets
 import select
 import socket
 import stat
@@ -74,6 +75,7 @@ __all__ = [
     "MAX_CONNECT_LINE",
     "MUXER_RSTQ_SIZE",
     "LOCAL_PORT_FIRST",
+    "LOCAL_PORT_LIMIT",
     "EPOLL_BATCH",
     "ACCEPT_BATCH",
     "MuxerError",
@@ -93,6 +95,7 @@ MAX_CONNECT_LINE = 32
 MUXER_RSTQ_SIZE = 256
 # Firecracker muxer.rs: host-side ports of host-initiated connections come from [1 << 30, 1 << 31).
 LOCAL_PORT_FIRST = 1 << 30
+LOCAL_PORT_LIMIT = 1 << 31
 EPOLL_BATCH = 64
 ACCEPT_BATCH = 32
 LISTEN_BACKLOG = 128
@@ -236,6 +239,29 @@ class Muxer:
             self._epoll.register(self._listener.fileno(), _IN)
             self._listening = True
             self._listener_paused = False
+
+    @property
+    def local_port_last(self) -> int:
+        """The local port of the last host-initiated connection (LOCAL_PORT_FIRST - 1: none yet); snapshots save it."""
+        return self._local_port_last
+
+    def resume_local_ports(self, last: int | None) -> None:
+        """Allocate local ports after `last`, a snapshot's `local_port_last`; None: after a random port.
+
+        A restored guest can still hold sockets of the snapshot's connections
+        (the TRANSPORT_RESET marks them reset; they leave the guest's tables
+        only when its programs close them). A REQUEST from a port one of them
+        used matches that stale socket, and the guest answers RST: every
+        clone's first agent connection was refused that way. Continuing after
+        the snapshot's last port avoids all of them (Firecracker does the
+        same); a snapshot that did not record it gets a random start, which
+        avoids them but for a 1 in 2^30 chance.
+        """
+        if last is None:
+            last = LOCAL_PORT_FIRST - 1 + secrets.randbelow(LOCAL_PORT_LIMIT - LOCAL_PORT_FIRST)
+        if not LOCAL_PORT_FIRST - 1 <= last < LOCAL_PORT_LIMIT:
+            raise ValueError(f"local port {last} is outside {LOCAL_PORT_FIRST - 1}..{LOCAL_PORT_LIMIT - 1}")
+        self._local_port_last = last
 
     def deactivate(self) -> None:
         """Drop every connection and pending handshake, stop accepting (the device was reset)."""
@@ -521,7 +547,7 @@ class Muxer:
     def _allocate_local_port(self, peer_port: int) -> int:
         # At most max_connections ports are taken, so this ends within max_connections + 1 steps.
         while True:
-            self._local_port_last = ((self._local_port_last + 1) & ~(1 << 31)) | LOCAL_PORT_FIRST
+            self._local_port_last = ((self._local_port_last + 1) & ~LOCAL_PORT_LIMIT) | LOCAL_PORT_FIRST
             port = self._local_port_last
             if port not in self._local_ports and (port, peer_port) not in self._conns:
                 self._local_ports.add(port)

@@ -1,9 +1,11 @@
 """The saved state of a virtio vsock device, and its checks as untrusted input.
 
-Only configuration and queues are saved. Connections are not (as in
-Firecracker: the vsock protocol cannot survive lost packets, and the host
-sockets belong to the old process); the restored device sends
-VIRTIO_VSOCK_EVENT_TRANSPORT_RESET so the guest drops them.
+Only configuration, queues and the last host-side port are saved.
+Connections are not (as in Firecracker: the vsock protocol cannot survive
+lost packets, and the host sockets belong to the old process); the restored
+device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET so the guest drops them, and
+allocates host-side ports after the saved one, so that no new connection
+looks like one the guest still holds (`Muxer.resume_local_ports`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from vmm.devices.virtio.device import VirtioDeviceState
 from vmm.devices.virtio.queue import MAX_QUEUE_SIZE
+from vmm.devices.virtio.vsock.muxer import LOCAL_PORT_FIRST, LOCAL_PORT_LIMIT
 
 __all__ = ["VsockPersistError", "VsockStateInvalid", "VsockState", "validate_vsock_state"]
 
@@ -37,6 +40,8 @@ class VsockState:
     uds_path: str
     queue_size: int
     virtio: VirtioDeviceState
+    #: The host-side port of the last host-initiated connection (absent in snapshots of format 1.0).
+    local_port_last: int | None = None
 
 
 def validate_vsock_state(state: VsockState) -> None:
@@ -54,3 +59,8 @@ def validate_vsock_state(state: VsockState) -> None:
         raise VsockStateInvalid(f"queue_size {state.queue_size!r} is not a power of two in 2..{MAX_QUEUE_SIZE}")
     if not isinstance(state.virtio, VirtioDeviceState):
         raise VsockStateInvalid("virtio must be a VirtioDeviceState")
+    if state.local_port_last is not None and (
+            type(state.local_port_last) is not int
+            or not LOCAL_PORT_FIRST - 1 <= state.local_port_last < LOCAL_PORT_LIMIT):
+        raise VsockStateInvalid(f"local_port_last {state.local_port_last!r} is outside "
+                                f"{LOCAL_PORT_FIRST - 1}..{LOCAL_PORT_LIMIT - 1}")

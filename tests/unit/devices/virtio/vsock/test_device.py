@@ -38,6 +38,7 @@ from vmm.devices.virtio.vsock import (
     VsockError,
     VsockStateInvalid,
 )
+from vmm.devices.virtio.vsock.muxer import LOCAL_PORT_FIRST, LOCAL_PORT_LIMIT
 
 RX_DATA = 4096
 BOTH = VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
@@ -366,6 +367,62 @@ def test_state_round_trip_and_restore_resets_the_transport(vsock, mem, uds, sock
         restored.close()
 
 
+def _host_request_port(vsock, drv, path: str) -> tuple[socket.socket, int]:
+    """A host client's CONNECT 52 through `path`; the src_port of the REQUEST the guest gets."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    client.settimeout(2)
+    client.sendall(b"CONNECT 52\n")
+    got: list = []
+    for _ in range(5):  # accept, then read the line
+        wait_and_serve(vsock, timeout=0.5)
+        if got := drv.received():
+            break
+    ((request, _),) = got
+    assert request.op == VIRTIO_VSOCK_OP_REQUEST
+    return client, request.src_port
+
+
+def test_a_restored_device_takes_host_ports_after_the_snapshots(vsock, mem, uds, sockdir, clock):
+    # The guest may still hold a socket of a connection made before the snapshot: a REQUEST
+    # from the same host port would match it and be answered with RST (every Linux clone's
+    # first agent connection was refused that way).
+    drv = VsockDriver(vsock, mem)
+    drv.post_event()
+    drv.post_rx(4)
+    first, port = _host_request_port(vsock, drv, uds)
+    assert port == LOCAL_PORT_FIRST
+    state = vsock.state()
+    assert state.local_port_last == port
+    vsock.close()
+    first.close()
+    irq, _ = new_interrupt()
+    restored = Vsock.from_state(state, mem, irq, uds_path=str(sockdir / "w.sock"), clock=clock)
+    try:
+        restored.kick()  # the TRANSPORT_RESET
+        assert restored.pending_event_ack
+        drv.post_event(notify=False)  # the guest acknowledges it (the restored device has no transport here)
+        restored.process_queue(EVQ_INDEX)
+        assert not restored.pending_event_ack
+        client, new_port = _host_request_port(restored, drv, str(sockdir / "w.sock"))
+        assert new_port == port + 1
+        client.close()
+    finally:
+        restored.close()
+
+
+def test_a_snapshot_without_the_last_port_restores_to_a_random_one(vsock, mem, sockdir):
+    state = dataclasses.replace(vsock.state(), local_port_last=None)  # a format 1.0 state file
+    irq, _ = new_interrupt()
+    lasts = []
+    for name in ("a.sock", "b.sock"):
+        restored = Vsock.from_state(state, mem, irq, uds_path=str(sockdir / name))
+        lasts.append(restored.muxer.local_port_last)
+        restored.close()
+    assert all(LOCAL_PORT_FIRST - 1 <= last < LOCAL_PORT_LIMIT for last in lasts)
+    assert lasts[0] != lasts[1]  # 2^30 choices
+
+
 def test_restore_of_an_inactive_device_sends_nothing(uds, sockdir, mem):
     v = Vsock(GUEST_CID, uds)
     state = v.state()
@@ -379,6 +436,8 @@ def test_restore_of_an_inactive_device_sends_nothing(uds, sockdir, mem):
 @pytest.mark.parametrize("change", [
     {"guest_cid": 2}, {"guest_cid": 1 << 32}, {"uds_path": ""}, {"uds_path": "a\0b"}, {"uds_path": "x" * 200},
     {"queue_size": 3}, {"queue_size": 0}, {"virtio": None},
+    {"local_port_last": 0}, {"local_port_last": LOCAL_PORT_FIRST - 2}, {"local_port_last": LOCAL_PORT_LIMIT},
+    {"local_port_last": True}, {"local_port_last": "1073741824"},
 ])
 def test_invalid_states_are_refused(vsock, mem, change):
     state = dataclasses.replace(vsock.state(), **change)
