@@ -86,7 +86,7 @@ from .runtime import PoolRuntime
 
 log = structlog.get_logger("poolsvc.service")
 
-__all__ = ["PoolService", "ServiceConfig", "serve_forever", "default_budget"]
+__all__ = ["PoolService", "ServiceConfig", "serve_forever", "default_budget", "template_boot_args"]
 
 #: Where the agent keeps per-sandbox metadata (docs/agent.md).
 METADATA_PATH = "/run/ember/metadata.json"
@@ -108,6 +108,22 @@ AGENT_READY_MARKERS = (b"ember-agent: listening", b"AGENT LISTENING")
 DEFAULT_TEMPLATE_TIMEOUT_S = 1800.0
 
 
+def template_boot_args(boot_args: str) -> str:
+    """A template's kernel command line: `boot_args` plus, unless it sets them, ``ember.agent=1``
+    and ``ember.exit=idle`` (Ember's default guest, guest/rootfs/init; other guests ignore them).
+
+    Without ``ember.exit=idle`` the guest's /init ends by starting a shell on the console. The
+    snapshot is taken once the agent answers, which can be while that shell is still starting;
+    every clone then finishes starting it first: ~1 s of emulated guest work per Acquire on a
+    nested host (bench/results/README.md), and a root shell on the console of every sandbox.
+    """
+    boot_args = boot_args.strip()
+    for arg, default in (("ember.agent=", "ember.agent=1"), ("ember.exit=", "ember.exit=idle")):
+        if arg not in boot_args:
+            boot_args = f"{boot_args} {default}".strip()
+    return boot_args
+
+
 def default_budget(*, max_vms: int = 512, oversubscription: float = 4.0) -> HostBudget:
     """80% of the host's RAM for guests, with `oversubscription` (clones share memory copy-on-write)."""
     mem_total_kib = 0
@@ -123,15 +139,13 @@ class ServiceConfig:
     """Where the service keeps its files and how big it may grow."""
 
     def __init__(self, home: Path | None = None, *, service_id: str = "default", budget: HostBudget | None = None,
-                 max_restoring: int = 4, default_boot_args_suffix: str = " ember.exit=idle",
-                 metrics_listen: str | None = None, network: NetConfig | None = None) -> None:
+                 max_restoring: int = 4, metrics_listen: str | None = None, network: NetConfig | None = None) -> None:
         self.home = home if home is not None else ember_home()
         self.service_id = service_id
         self.templates_dir = self.home / "templates"
         self.run_dir = self.home / "run" / service_id
         self.budget = budget if budget is not None else default_budget()
         self.max_restoring = max_restoring
-        self.default_boot_args_suffix = default_boot_args_suffix
         #: ``host:port`` of the Prometheus endpoint (`serve_forever` serves it); None: not served.
         self.metrics_listen = metrics_listen
         #: Network slots for sandboxes (`poolsvc.netslots`); None: sandboxes have no network.
@@ -452,12 +466,9 @@ class PoolService:
                 raise FailedPrecondition(f"no kernel given and no default guest images: {exc}") from exc
             kernel = images["kernel"]
             rootfs = rootfs if rootfs else images["rootfs"]
-            boot_args = boot_args if boot_args else images["boot_args"] + self.config.default_boot_args_suffix
-        boot_args = boot_args or ""
-        if "ember.agent=" not in boot_args:
-            boot_args = f"{boot_args} ember.agent=1".strip()  # the default guest starts its agent on request
+            boot_args = boot_args if boot_args else images["boot_args"]
         return {"kernel": kernel, "rootfs": rootfs or None, "initrd": initrd or None,
-                "boot_args": boot_args, "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
+                "boot_args": template_boot_args(boot_args or ""), "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
 
     def create_template(self, spec: TemplateSpec, *, deadline: float | None,
                         cancelled: threading.Event, caller: Caller | None = None) -> TemplateInfo:

@@ -55,6 +55,13 @@ def _template(svc: Service, testguest: Path, name: str = "tg") -> None:
     assert t.name == name
 
 
+def _warm_pool(svc: Service, testguest: Path, warm: int) -> None:
+    """Template "tg" with `warm` warm sandboxes (min_warm = max_warm)."""
+    _template(svc, testguest)
+    svc.stub.SetPool(svc.pb2.SetPoolRequest(template="tg", min_warm=warm, max_warm=warm))
+    svc.wait_pool("tg", warm)
+
+
 def _acquire(svc: Service, template: str = "tg", **kw):
     return svc.stub.Acquire(svc.pb2.AcquireRequest(template=template, **kw), timeout=60)
 
@@ -126,9 +133,7 @@ def test_unknown_template_idempotency_and_lease_expiry(service, testguest) -> No
 def test_a_killed_warm_vmm_is_noticed_and_replaced(service, testguest) -> None:
     svc = service()
     pb2 = svc.pb2
-    _template(svc, testguest)
-    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=2, max_warm=2))
-    svc.wait_pool("tg", 2)
+    _warm_pool(svc, testguest, 2)
     victim, pid = next(iter(svc.vmm_pids().items()))
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -151,9 +156,7 @@ def test_each_acquire_reaches_the_agent_at_the_first_connection(service, testgue
     # A refused first connection costs a guest round trip and a retry in every Acquire.
     svc = service()
     pb2 = svc.pb2
-    _template(svc, testguest)
-    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=2, max_warm=2))
-    svc.wait_pool("tg", 2)
+    _warm_pool(svc, testguest, 2)
     for _ in range(4):
         sb = _acquire(svc)
         assert AgentClient(sb.agent.vsock_uds_path, sb.agent.port, timeout=20).ping() == "testguest"
@@ -167,10 +170,7 @@ def test_a_vmm_killed_by_sigsys_is_logged_as_a_seccomp_violation(service, testgu
     # which ignores signals from outside except SIGKILL/SIGSTOP, so `kill -SYS` can only stand
     # in for a violation with the jail off (test_seccomp.py triggers real violations).
     svc = service("--no-jail")
-    pb2 = svc.pb2
-    _template(svc, testguest)
-    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=1, max_warm=1))
-    svc.wait_pool("tg", 1)
+    _warm_pool(svc, testguest, 1)
     victim, pid = next(iter(svc.vmm_pids().items()))
     os.kill(pid, signal.SIGSYS)
     deadline = time.monotonic() + 30
@@ -199,9 +199,7 @@ def test_host_full_is_resource_exhausted(service, testguest) -> None:
 def test_a_crashed_service_leaves_nothing_after_restart(service, testguest, home) -> None:
     svc = service()
     pb2 = svc.pb2
-    _template(svc, testguest)
-    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=2, max_warm=2))
-    svc.wait_pool("tg", 2)
+    _warm_pool(svc, testguest, 2)
     _acquire(svc)
     svc.wait_pool("tg", 2)  # the refill's VMM has written its pid file
     pids = list(svc.vmm_pids().values())
@@ -258,9 +256,7 @@ def test_every_pool_vmm_is_jailed(service, testguest) -> None:
     """Warm VMMs (forked by the zygote) each run with their own uid, no privilege, in their chroot and cgroup."""
     svc = service()
     pb2 = svc.pb2
-    _template(svc, testguest)
-    svc.stub.SetPool(pb2.SetPoolRequest(template="tg", min_warm=3, max_warm=3))
-    svc.wait_pool("tg", 3)
+    _warm_pool(svc, testguest, 3)
     sb = _acquire(svc)
     assert AgentClient(sb.agent.vsock_uds_path, sb.agent.port).ping() == "testguest"  # works through the jail
     svc.wait_pool("tg", 3)  # the refill is done: no VMM is still on its way into its jail
