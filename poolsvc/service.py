@@ -468,7 +468,8 @@ class PoolService:
             rootfs = rootfs if rootfs else images["rootfs"]
             boot_args = boot_args if boot_args else images["boot_args"]
         return {"kernel": kernel, "rootfs": rootfs or None, "initrd": initrd or None,
-                "boot_args": template_boot_args(boot_args or ""), "vcpus": spec.vcpus or 1, "mem_mib": spec.mem_mib or 128}
+                "boot_args": template_boot_args(boot_args or ""), "vcpus": spec.vcpus or 1,
+                "mem_mib": spec.mem_mib or 128}
 
     def create_template(self, spec: TemplateSpec, *, deadline: float | None,
                         cancelled: threading.Event, caller: Caller | None = None) -> TemplateInfo:
