@@ -4,15 +4,16 @@ Threads have fixed roles. Callers (gRPC handlers) feed requests into the
 machine and wait on a condition variable for their answer; worker lanes
 (restore, resume, destroy: separate thread pools so a hand-out's resume
 never queues behind slow restores) call the launcher *outside* the lock and
-feed each result back. A destroy mostly waits for the killed VMM to be
+feed each result back; one background thread ticks the machine every
+`tick_interval` and health-checks warm and leased VMs every
+`health_interval`. A destroy mostly waits for the killed VMM to be
 scheduled, exit and be reaped (~45 ms on a busy two-core host), and the VM
 counts against the host budget until then, so the destroy lane has as many
-threads as the restore lane: with two, releases at ~40/s built a backlog of
-dying VMMs that held memory and VM slots; one background thread ticks the machine every
-`tick_interval` and health-checks warm and leased VMs every
-`health_interval`. The machine is only ever touched under the one lock, with
-`now` read from `clock` (monotonic; the lease deadlines the machine reports
-are on this clock, `to_wall` converts them to UNIX time).
+threads as the restore lane unless told otherwise: with two, releases at
+~40/s built a backlog of dying VMMs that held memory and VM slots. The
+machine is only ever touched under the one lock, with `now` read from
+`clock` (monotonic; the lease deadlines the machine reports are on this
+clock, `to_wall` converts them to UNIX time).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class PoolRuntime:
         clock: Callable[[], float] = time.monotonic,
         max_parallel: int = 4,
         resume_parallel: int = 2,
-        destroy_parallel: int = 4,
+        destroy_parallel: int | None = None,
         tick_interval: float = 0.1,
         health_interval: float = 1.0,
         metrics: ServiceMetrics | None = None,
@@ -109,7 +110,7 @@ class PoolRuntime:
         self._lanes = {
             StartRestore: ThreadPoolExecutor(max_parallel, thread_name_prefix="ember-pool-restore"),
             Resume: ThreadPoolExecutor(resume_parallel, thread_name_prefix="ember-pool-resume"),
-            Destroy: ThreadPoolExecutor(destroy_parallel, thread_name_prefix="ember-pool-destroy"),
+            Destroy: ThreadPoolExecutor(destroy_parallel or max_parallel, thread_name_prefix="ember-pool-destroy"),
         }
         self._handles: dict[str, Any] = {}
         self._waiting: set[str] = set()

@@ -301,7 +301,8 @@ class PoolService:
                 caller: Caller | None = None) -> SandboxInfo:
         tenant = (caller or IMPLICIT_CALLER).tenant  # only the caller's own templates
         self._template(template, tenant)
-        vm_id, _handle = self.runtime.acquire(pool_key(tenant, template),
+        key = pool_key(tenant, template)
+        vm_id, _handle = self.runtime.acquire(key,
                                               lease_ttl if lease_ttl else DEFAULT_LEASE_TTL_S,
                                               idempotency_key, deadline=deadline, cancelled=cancelled,
                                               tenant=tenant)
@@ -312,7 +313,7 @@ class PoolService:
         if metadata and vm_id not in self._metadata:
             given = (METADATA_PATH, json.dumps(dict(metadata), sort_keys=True).encode())
         try:
-            self._wait_for_agent(vm_id, template, deadline, cancelled, given)
+            self._wait_for_agent(vm_id, key, deadline, cancelled, given)
         except NotFound as exc:  # its VMM died while it was handed out: not "no such template"
             raise Unavailable(f"sandbox {vm_id} died before it was ready; try again") from exc
         except AgentRequestFailed as exc:  # the agent answered, refusing the metadata
@@ -328,7 +329,7 @@ class PoolService:
         except NotFound as exc:
             raise Unavailable(f"sandbox {vm_id} died before it was handed out; try again") from exc
 
-    def _wait_for_agent(self, vm_id: str, template: str, deadline: float | None, cancelled: threading.Event,
+    def _wait_for_agent(self, vm_id: str, pool: str, deadline: float | None, cancelled: threading.Event,
                         metadata: tuple[str, bytes] | None = None) -> None:
         """Return once the resumed sandbox's agent has taken `metadata` and stepped its clock.
 
@@ -340,7 +341,8 @@ class PoolService:
         Right after a resume the guest is still handling the vsock
         TRANSPORT_RESET that every restore sends (its pre-snapshot
         connections are gone), and a CONNECT can be refused for that moment.
-        Each retry is counted (`ember_agent_retries_total`): with the VMM's
+        Each retry is counted under `pool` (the pool key, as the runtime's
+        metrics are labelled) in `ember_agent_retries_total`: with the VMM's
         hold on RX until the guest acknowledges the reset and its fresh
         host-side ports, a healthy clone answers the first connection.
         """
@@ -359,7 +361,7 @@ class PoolService:
                     raise DeadlineExceeded("the Acquire call was cancelled") from exc
                 if time.monotonic() + delay >= until:
                     raise Unavailable(f"sandbox {vm_id}'s agent does not answer: {exc}") from exc
-            self.metrics.agent_retried(template)
+            self.metrics.agent_retried(pool)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 

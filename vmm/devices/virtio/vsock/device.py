@@ -337,7 +337,7 @@ class Vsock(VirtioDevice):
         except VirtioDeviceError as exc:
             vsock.close()
             raise VsockStateInvalid(str(exc)) from exc
-        vsock.muxer.resume_local_ports(state.local_port_last)  # validated above
+        vsock.muxer.resume_local_ports(state.local_port_last)  # in range: validate_vsock_state
         vsock.transport_reset_due = vsock.is_activated
         return vsock
 

@@ -246,7 +246,7 @@ class Muxer:
         return self._local_port_last
 
     def resume_local_ports(self, last: int | None) -> None:
-        """Allocate local ports after `last`, a snapshot's `local_port_last`; None: after a random port.
+        """Allocate local ports after `last`, a snapshot's validated `local_port_last`; None: after a random port.
 
         A restored guest can still hold sockets of the snapshot's connections
         (the TRANSPORT_RESET marks them reset; they leave the guest's tables
@@ -259,8 +259,6 @@ class Muxer:
         """
         if last is None:
             last = LOCAL_PORT_FIRST - 1 + secrets.randbelow(LOCAL_PORT_LIMIT - LOCAL_PORT_FIRST)
-        if not LOCAL_PORT_FIRST - 1 <= last < LOCAL_PORT_LIMIT:
-            raise ValueError(f"local port {last} is outside {LOCAL_PORT_FIRST - 1}..{LOCAL_PORT_LIMIT - 1}")
         self._local_port_last = last
 
     def deactivate(self) -> None:
