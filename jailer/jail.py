@@ -30,6 +30,7 @@ import errno
 import os
 import resource
 import shutil
+import signal
 import stat
 import threading
 
@@ -174,20 +175,46 @@ def cleanup(spec: JailSpec, *, cgroup: bool = True) -> None:
 # --- enter (inside) --------------------------------------------------------------------------
 
 
-def fork_into_new_pid_ns() -> int:
+def fork_into_new_pid_ns(*, own_pid_ns: int | None = None) -> int:
     """unshare(CLONE_NEWPID) and fork: 0 in the child (pid 1 of the new namespace), its pid in the parent.
 
-    The caller must be single-threaded. The parent's own PID namespace is
-    unchanged, but every later child of it would also land in the new one:
-    call this in a process that forks nothing else afterwards.
+    The caller must be single-threaded. unshare(CLONE_NEWPID) moves only the
+    caller's *later children* into the new namespace, never the caller. Without
+    `own_pid_ns`, every later child of the caller would land there too: call
+    this in a process that forks nothing else afterwards. With `own_pid_ns` (an
+    fd of the caller's ``/proc/self/ns/pid``, opened beforehand), the parent
+    joins that namespace again right after the fork, so its later children are
+    its own namespace's as before and it may call this again: how a fork server
+    makes each child pid 1 of a namespace of its own without an intermediate
+    process. If that fails the child is killed and reaped, and `JailError` says
+    the caller's children would no longer be its own (it should stop forking).
     """
     try:
         _sys.unshare(_sys.CLONE_NEWPID)
     except OSError as exc:
         raise JailError(f"cannot create a PID namespace: {exc}") from exc
-    # SAFETY: the caller is single-threaded (documented), so the child holds no lock owned by a thread
-    # that does not exist in it.
-    return os.fork()
+    try:
+        # SAFETY: the caller is single-threaded (documented), so the child holds no lock owned by a
+        # thread that does not exist in it.
+        pid = os.fork()
+    except OSError:
+        if own_pid_ns is not None:
+            _restore_pid_ns(own_pid_ns, None)
+        raise
+    if pid != 0 and own_pid_ns is not None:
+        _restore_pid_ns(own_pid_ns, pid)
+    return pid
+
+
+def _restore_pid_ns(own_pid_ns: int, child: int | None) -> None:
+    """Make the caller's next children its own PID namespace's again (setns to that namespace)."""
+    try:
+        _sys.setns(own_pid_ns, _sys.CLONE_NEWPID)
+    except OSError as exc:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        raise JailError(f"cannot return to the caller's PID namespace after a fork: {exc}") from exc
 
 
 class JailReport(dict):  # type: ignore[type-arg]

@@ -28,9 +28,9 @@ one JSON object per line and gets one JSON object per line back, in order:
   ``"jail": {...}`` (a `jailer.JailSpec` as JSON, prepared by the caller):
   the child enters that jail (`vmm.main.enter_jail`) before the VMM runs;
   paths in `argv` are then paths inside the jail. With ``new_pid_ns`` the
-  child unshares its PID namespace and forks once more: the answer's pid is
-  that grandchild's (pid 1 of its namespace, re-parented to the zygote, a
-  child subreaper, which reaps it and answers `wait` for it).
+  child is pid 1 of a new PID namespace: the zygote unshares one for its
+  next child, forks, and joins its own namespace again (no intermediate
+  process, so a jailed VMM costs one fork like any other).
 * wait: ``{"op": "wait", "pid": N, "timeout": S}`` ->
   ``{"ok": true, "pid": N, "state": "exited", "returncode": RC}`` once the
   child has been reaped (RC is negative for a signal, as in `subprocess`;
@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib
 import json
 import os
 import selectors
@@ -74,9 +75,10 @@ import stat
 import sys
 import time
 import traceback
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 # structlog renders exceptions with `rich` (and colours with `colorama`) when they are
 # installed; a VMM never does (its logs are Firecracker's format), and importing them would
@@ -84,8 +86,27 @@ from typing import Any, Callable, NoReturn
 for _unused in ("rich", "colorama"):
     sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
 
-from jailer import JailSpec, fork_into_new_pid_ns
-from jailer import _sys as jail_sys
+
+class _ImportedOnUse(types.ModuleType):
+    """A stand-in that imports the real module when one of its attributes is first used.
+
+    `structlog.stdlib` imports asyncio at its top for its async logging methods, which a VMM
+    (no event loop) never calls; asyncio's ~30 modules would add ~2 MiB to the heap every child
+    maps, and to every fork's page tables. ``import asyncio`` finds this stand-in (its
+    ``__spec__`` is None: not a module being initialised); ``asyncio.anything`` or a submodule
+    import replaces it with the real module.
+    """
+
+    def __getattr__(self, attr: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+if "asyncio" not in sys.modules:
+    sys.modules["asyncio"] = _ImportedOnUse("asyncio")
+
+from jailer import JailError, JailSpec, fork_into_new_pid_ns
 
 # Everything `vmm.main.main` imports lazily, imported here once for every child.
 import vmm.api  # noqa: F401
@@ -198,6 +219,7 @@ class Zygote:
         self._conns: dict[int, _Conn] = {}
         self._waiters: list[_Waiter] = []
         self._stopping = False
+        self._pid_ns_fd: int | None = None
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -223,8 +245,6 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up fd does the work
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
-        # Jailed VMMs in their own PID namespace are grandchildren: re-parented here, reaped here.
-        jail_sys.set_child_subreaper()
         try:
             self._reap()
             while not self._stopping:
@@ -261,7 +281,9 @@ class Zygote:
             pass
         self._sel.close()
         signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._pid_ns_fd):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -416,12 +438,19 @@ class Zygote:
         """Fork a child that runs ``vmm.main.main(req.argv)``; its pid."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # nothing buffered may be written twice
-        if req.jail is not None and req.jail.new_pid_ns:
-            return self._spawn_in_pid_ns(req)
         try:
-            # SAFETY: fork from a single-threaded process (the zygote never starts a thread), so
-            # no lock is held by a thread that would not exist in the child.
-            pid = os.fork()
+            if req.jail is not None and req.jail.new_pid_ns:
+                # The child is pid 1 of a new PID namespace and still our own child: no
+                # intermediate process (a second fork and exit of this whole address space).
+                pid = fork_into_new_pid_ns(own_pid_ns=self._own_pid_ns())
+            else:
+                # SAFETY: fork from a single-threaded process (the zygote never starts a thread),
+                # so no lock is held by a thread that would not exist in the child.
+                pid = os.fork()
+        except JailError as exc:
+            if os.readlink("/proc/self/ns/pid_for_children") != os.readlink("/proc/self/ns/pid"):
+                self._stopping = True  # every later child would land in a foreign namespace
+            raise ZygoteError(str(exc)) from exc
         except OSError as exc:
             raise ZygoteError(f"fork failed: {exc}") from exc
         if pid == 0:
@@ -429,12 +458,16 @@ class Zygote:
         self.children.add(pid)
         return pid
 
-    def _child_and_exit(self, req: SpawnRequest, prelude: Callable[[], None] | None = None) -> NoReturn:
-        """In a forked child: `prelude`, then the VMM; always ends in os._exit with its status."""
+    def _own_pid_ns(self) -> int:
+        """An fd of this process's PID namespace (opened once), to return to after each new one."""
+        if self._pid_ns_fd is None:
+            self._pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        return self._pid_ns_fd
+
+    def _child_and_exit(self, req: SpawnRequest) -> NoReturn:
+        """In a forked child: the VMM; always ends in os._exit with its status."""
         rc = 1
         try:
-            if prelude is not None:
-                prelude()
             rc = self._child(req)
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -451,40 +484,6 @@ class Zygote:
                     pass
             os._exit(rc & 0xFF if rc >= 0 else 1)
 
-    def _spawn_in_pid_ns(self, req: SpawnRequest) -> int:
-        """Fork a child that forks the VMM into a new PID namespace, tells us its pid and exits."""
-        r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            # SAFETY: as in `spawn`: the zygote is single-threaded.
-            pid = os.fork()
-        except OSError as exc:
-            os.close(r)
-            os.close(w)
-            raise ZygoteError(f"fork failed: {exc}") from exc
-        if pid == 0:
-            def into_pid_ns() -> None:
-                os.close(r)
-                vmm_pid = fork_into_new_pid_ns()
-                if vmm_pid != 0:  # the intermediate: report the VMM's pid and go
-                    os.write(w, str(vmm_pid).encode())
-                    os._exit(0)
-                os.close(w)
-
-            self._child_and_exit(req, into_pid_ns)
-        os.close(w)
-        data = b""
-        try:
-            while chunk := os.read(r, 32):
-                data += chunk
-        finally:
-            os.close(r)
-            os.waitpid(pid, 0)  # the intermediate child exits as soon as it has written
-        if not data.isdigit():
-            raise ZygoteError("could not fork the VMM into a new PID namespace")
-        vmm_pid = int(data)
-        self.children.add(vmm_pid)
-        return vmm_pid
-
     def _close_inherited(self) -> None:
         """In the child: close every fd of the zygote's (sockets, selector, wake-up pipe)."""
         signal.set_wakeup_fd(-1)
@@ -496,6 +495,9 @@ class Zygote:
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._pid_ns_fd is not None:
+            os.close(self._pid_ns_fd)
+            self._pid_ns_fd = None
 
     def _child(self, req: SpawnRequest) -> int:
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):

@@ -9,6 +9,7 @@ test_pool_linux.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -285,6 +286,12 @@ def test_every_pool_vmm_is_jailed(service, testguest) -> None:
         assert any(line.startswith("Max open files") and line.split()[3:5] == ["2048", "2048"] for line in limits)
         assert any(line.startswith("Max file size") and line.split()[3] == str(16384 << 20) for line in limits)
     assert len(uids) == len(pids)  # unique per live VMM
+    assert len({os.readlink(f"/proc/{pid}/ns/pid") for pid in pids.values()}) == len(pids)  # a PID namespace each
+    # The zygote makes each VMM pid 1 of a new namespace and goes back to its own: its next child
+    # is not born into the last VMM's namespace.
+    zpid = json.loads((svc.run_dir / ".zygote.pid").read_text())["pid"]
+    assert all(int(_proc_status(pid)["PPid"]) == zpid for pid in pids.values())  # one fork, by the zygote
+    assert os.readlink(f"/proc/{zpid}/ns/pid_for_children") == os.readlink(f"/proc/{zpid}/ns/pid")
     svc.stub.Release(pb2.ReleaseRequest(id=sb.id))
     assert svc.terminate() == 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jailer import HardLink, JailError, JailSpec, cleanup, enter, jail_status, prepare
+from jailer import HardLink, JailError, JailSpec, cleanup, enter, fork_into_new_pid_ns, jail_status, prepare
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")
 
@@ -100,3 +100,30 @@ def test_enter_refuses_without_a_prepared_chroot_or_in_the_wrong_pid_namespace(t
     assert "does not exist" in out["error"]
     out = _in_child(lambda: enter(_spec(tmp_path, new_pid_ns=True)))
     assert "pid 1" in out["error"]
+
+
+def test_a_fork_server_makes_each_child_pid_1_of_its_own_namespace_and_stays_in_its_own() -> None:
+    def fork_three() -> dict:
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        r, w = os.pipe()
+        kids = []
+        for _ in range(3):
+            pid = fork_into_new_pid_ns(own_pid_ns=own)
+            if pid == 0:
+                os.write(w, json.dumps([os.getpid(), os.readlink("/proc/self/ns/pid")]).encode() + b"\n")
+                os._exit(0)
+            kids.append(pid)
+        os.close(w)
+        statuses = [os.waitpid(pid, 0)[1] for pid in kids]
+        with os.fdopen(r) as f:
+            seen = [json.loads(line) for line in f]
+        return {"seen": seen, "statuses": statuses, "ns": os.readlink("/proc/self/ns/pid"),
+                "for_children": os.readlink("/proc/self/ns/pid_for_children")}
+
+    out = _in_child(fork_three)
+    assert "error" not in out, out
+    assert out["statuses"] == [0, 0, 0]
+    assert [pid for pid, _ in out["seen"]] == [1, 1, 1]
+    namespaces = {ns for _, ns in out["seen"]}
+    assert len(namespaces) == 3 and out["ns"] not in namespaces
+    assert out["for_children"] == out["ns"]  # the caller's next child is its own namespace's again
