@@ -154,3 +154,17 @@ def test_launch_cost_reports_cpu_per_launch_thread_phases_and_memory() -> None:
     assert threads["fc_vcpu 0"]["acquire"] > 0, threads  # the resumed guest answering the PING
     mem = r["memory_per_vmm_total_kib"]
     assert r["vmms_measured"] >= 3 and mem["Rss"] >= mem["Pss"] >= mem["Private_Dirty"] > 0, mem
+
+
+def test_bench_report_runs_a_scenario_end_to_end() -> None:
+    """`python -m bench.report --only tg`: its own service and template, one short run, a median line."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the test guest")
+    proc = subprocess.run([sys.executable, "-m", "bench.report", "--only", "tg", "--runs", "1", "--duration", "3",
+                           "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(summary) == ["tg"] and len(summary["tg"]["runs"]) == 1
+    med = summary["tg"]["medians"]
+    assert med["launches_per_s"] > 0 and med["failures"] == 0 and med["overhead_rss_mib"] > 0
+    assert "tg run 1:" in proc.stderr
