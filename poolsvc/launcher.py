@@ -525,7 +525,7 @@ class TemplateStore:
 
         A sealed memory file (see `_seal`) is not hashed; an unsealed one is,
         and the result is remembered until one of the files changes (inode,
-        size, mtime or ctime), so `get` on the restore path costs three stats.
+        size or mtime; see `_file_identity`), so `get` on the restore path costs three stats.
         The VMM checks again on load: this is the pool refusing early.
         """
         if not self.key_file.exists():
@@ -761,12 +761,18 @@ def _netns_exec_prefix(slot: Slot) -> list[str]:
 
 
 def _file_identity(path: Path) -> tuple[int, ...]:
-    """What changes when a file is replaced or written: (dev, inode, size, mtime, ctime); () if absent."""
+    """What changes when a file is replaced or written: (dev, inode, size, mtime); () if absent.
+
+    Not ctime: every jail hard-links the template's files and unlinks them again, and a link
+    count change updates ctime, so the remembered verification would be lost on every restore.
+    The files are root-owned with no write bits (`_seal`): only root can write one and set its
+    mtime back, and a VMM checks the signature again on load.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return ()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _console_marker(marker: str) -> Callable[[VmHandle], bool]:
@@ -898,13 +904,16 @@ class ZygoteClient:
         return answer
 
     def spawn(self, argv: list[str], *, stdin: Path | None, stdout: Path, stderr: Path, cwd: Path,
-              netns: Path | None = None, jail: dict[str, Any] | None = None) -> int:
+              netns: Path | None = None, jail: dict[str, Any] | None = None, api_sock: Path | None = None) -> int:
+        """Fork a VMM; its pid. `api_sock`: the zygote binds the VMM's API socket there first."""
         doc: dict[str, Any] = {"op": "spawn", "argv": argv, "stdin": str(stdin) if stdin else None,
                                "stdout": str(stdout), "stderr": str(stderr), "cwd": str(cwd)}
         if netns is not None:
             doc["netns"] = str(netns)
         if jail is not None:
             doc["jail"] = jail
+        if api_sock is not None:
+            doc["api_sock"] = str(api_sock)
         answer = self.request(doc)
         if not answer.get("ok"):
             raise LaunchError(f"the zygote could not spawn a VMM: {answer.get('error')}")
@@ -1042,9 +1051,11 @@ class Launcher:
                 if not self._ensure_zygote():
                     break
                 try:
+                    # The zygote binds the API socket before it forks: restore's first connect succeeds.
                     return self.zygote.spawn(argv, stdin=stdin, stdout=out, stderr=err, cwd=workdir,
                                              netns=slot.netns_path if slot is not None else None,
-                                             jail=jailed.spec.to_json() if jailed is not None else None)
+                                             jail=jailed.spec.to_json() if jailed is not None else None,
+                                             api_sock=api_sock)
                 except ZygoteUnavailable as exc:
                     log.warning("zygote request failed; restarting it", error=str(exc), attempt=attempt)
                     with self._zygote_lock:

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 from vmm import __version__
 
 if TYPE_CHECKING:
+    import socket
+
     from jailer import ImportWatch, JailSpec
     from vmm.runtime import Vmm
 
@@ -129,8 +131,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None, *, jail: JailSpec | None = None) -> int:
-    """Run the VMM with command-line `argv`; `jail`: enter that jail (as ``--jail`` does; the zygote)."""
+def main(argv: list[str] | None = None, *, jail: JailSpec | None = None,
+         api_listener: socket.socket | None = None) -> int:
+    """Run the VMM with command-line `argv`; `jail`: enter that jail (as ``--jail`` does; the zygote).
+
+    `api_listener` (the zygote): a socket already bound at ``--api-sock`` and
+    listening, served instead of binding a new one.
+    """
     args = parser().parse_args(argv)
     if args.version:
         print(f"ember-vmm v{__version__}")
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None, *, jail: JailSpec | None = None) -> int:
             server = ApiServer(args.api_sock, ApiHandler.through_channel(channel, controller.handle, metrics),
                                max_payload=args.http_api_max_payload_size)
             try:
+                if api_listener is not None:
+                    server.adopt(api_listener)
                 server.start()
             except ApiServerError as exc:
                 server = None

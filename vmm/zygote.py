@@ -31,6 +31,11 @@ one JSON object per line and gets one JSON object per line back, in order:
   child is pid 1 of a new PID namespace: the zygote unshares one for its
   next child, forks, and joins its own namespace again (no intermediate
   process, so a jailed VMM costs one fork like any other).
+  ``"api_sock": path`` (the host path of the VMM's ``--api-sock``): the
+  zygote binds the API socket there and listens *before* it forks (owned by
+  the jail's uid/gid, if any); the VMM serves that socket. A client can
+  connect, and queue its first request, as soon as it has the answer,
+  instead of polling for the socket while the child starts.
 * wait: ``{"op": "wait", "pid": N, "timeout": S}`` ->
   ``{"ok": true, "pid": N, "state": "exited", "returncode": RC}`` once the
   child has been reaped (RC is negative for a signal, as in `subprocess`;
@@ -119,6 +124,7 @@ import vmm.mmds  # noqa: F401
 import vmm.procname  # noqa: F401
 import vmm.persist  # noqa: F401
 import vmm.seccomp
+from vmm.api.server import LISTEN_BACKLOG
 from vmm.vstate.vm import prepare_shell
 
 vmm_main.preload()  # the list a jailed VMM loads before entering its jail (one list for both)
@@ -163,11 +169,13 @@ class SpawnRequest:
     netns: str | None = None
     #: The jail the child enters before running the VMM.
     jail: JailSpec | None = None
+    #: A host path where the zygote binds the VMM's API socket before forking it.
+    api_sock: str | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SpawnRequest:
         """Validate untrusted `doc` (unknown keys are refused)."""
-        known = {"op", "argv", "stdin", "stdout", "stderr", "cwd", "netns", "jail"}
+        known = {"op", "argv", "stdin", "stdout", "stderr", "cwd", "netns", "jail", "api_sock"}
         unknown = set(doc) - known
         if unknown:
             raise ZygoteError(f"unknown fields in spawn request: {', '.join(sorted(unknown))}")
@@ -175,7 +183,7 @@ class SpawnRequest:
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise ZygoteError("argv must be a list of strings")
         paths: dict[str, str | None] = {}
-        for key in ("stdin", "stdout", "stderr", "cwd", "netns"):
+        for key in ("stdin", "stdout", "stderr", "cwd", "netns", "api_sock"):
             value = doc.get(key)
             if value is not None and (not isinstance(value, str) or not value or "\0" in value):
                 raise ZygoteError(f"{key} must be a path or null")
@@ -438,6 +446,19 @@ class Zygote:
         """Fork a child that runs ``vmm.main.main(req.argv)``; its pid."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # nothing buffered may be written twice
+        listener = _listen(req) if req.api_sock is not None else None
+        try:
+            pid = self._fork(req, listener)
+        except BaseException:
+            if listener is not None:
+                listener.close()
+                _unlink_socket(req.api_sock)
+            raise
+        if listener is not None:
+            listener.close()  # the child's copy serves it
+        return pid
+
+    def _fork(self, req: SpawnRequest, listener: socket.socket | None) -> int:
         try:
             if req.jail is not None and req.jail.new_pid_ns:
                 # The child is pid 1 of a new PID namespace and still our own child: no
@@ -454,7 +475,7 @@ class Zygote:
         except OSError as exc:
             raise ZygoteError(f"fork failed: {exc}") from exc
         if pid == 0:
-            self._child_and_exit(req)
+            self._child_and_exit(req, listener)
         self.children.add(pid)
         return pid
 
@@ -464,11 +485,11 @@ class Zygote:
             self._pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         return self._pid_ns_fd
 
-    def _child_and_exit(self, req: SpawnRequest) -> NoReturn:
+    def _child_and_exit(self, req: SpawnRequest, listener: socket.socket | None) -> NoReturn:
         """In a forked child: the VMM; always ends in os._exit with its status."""
         rc = 1
         try:
-            rc = self._child(req)
+            rc = self._child(req, listener)
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:  # noqa: BLE001 - the child must end in os._exit, whatever happened
@@ -499,7 +520,7 @@ class Zygote:
             os.close(self._pid_ns_fd)
             self._pid_ns_fd = None
 
-    def _child(self, req: SpawnRequest) -> int:
+    def _child(self, req: SpawnRequest, listener: socket.socket | None) -> int:
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(signum, signal.SIG_DFL if signum != signal.SIGPIPE else signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -520,9 +541,38 @@ class Zygote:
         sys.argv = ["ember-vmm", *req.argv]
         if req.jail is not None:
             # The VMM creates its KVM VM (prepare_shell) itself, inside the jail and its cgroup.
-            return vmm_main.main(list(req.argv), jail=req.jail)
+            return vmm_main.main(list(req.argv), jail=req.jail, api_listener=listener)
         prepare_shell()  # KVM VMs belong to the process that creates them: after the fork
-        return vmm_main.main(list(req.argv))
+        return vmm_main.main(list(req.argv), api_listener=listener)
+
+
+def _listen(req: SpawnRequest) -> socket.socket:
+    """The VMM's API socket, bound at `req.api_sock` and listening; owned by the jail's uid/gid."""
+    assert req.api_sock is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(req.api_sock)
+    except OSError as exc:
+        sock.close()
+        raise ZygoteError(f"cannot bind the API socket {req.api_sock}: {exc.strerror or exc}") from exc
+    try:
+        if req.jail is not None:
+            # As if the jailed VMM had made it: the socket is its, inside its chroot.
+            os.chown(req.api_sock, req.jail.uid, req.jail.gid)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        _unlink_socket(req.api_sock)
+        raise ZygoteError(f"cannot listen on the API socket {req.api_sock}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _unlink_socket(path: str | None) -> None:
+    try:
+        if path is not None and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _enter_netns(path: str) -> None:

@@ -314,6 +314,35 @@ def test_zygote_protocol(home: Path) -> None:
     assert not (root / "z.sock").exists()
 
 
+def test_the_zygote_binds_the_api_socket_before_it_forks(home: Path) -> None:
+    root = home / "zb"
+    root.mkdir()
+    zygote = ZygoteClient(root / "z.sock", root / "z.log")
+    zygote.start()
+    api = root / "api.sock"
+    try:
+        pid = zygote.spawn(["--api-sock", str(api), "--id", "zb"], stdin=None, stdout=root / "out",
+                           stderr=root / "err", cwd=root, api_sock=api)
+        try:
+            # No polling: the socket listens by the time the spawn is answered.
+            client = VmmClient(api, timeout=30)
+            client.wait_until_listening(0.0)
+            assert client.describe_instance()["id"] == "zb"
+            client.close()
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            assert zygote.wait(pid, 10) == "exited"
+        # A path that is taken: refused before any fork, and the zygote goes on.
+        children = zygote.request({"op": "ping"})["children"]
+        answer = zygote.request({"argv": ["--api-sock", str(root / "out")], "api_sock": str(root / "out")})
+        assert not answer["ok"] and "cannot bind the API socket" in answer["error"]
+        assert zygote.request({"op": "ping"})["children"] == children
+        assert (root / "out").is_file()  # not ours: left alone
+        assert not zygote.request({"argv": [], "api_sock": 7})["ok"]
+    finally:
+        zygote.stop()
+
+
 # --- numbers --------------------------------------------------------------------------------
 
 

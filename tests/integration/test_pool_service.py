@@ -277,6 +277,8 @@ def test_every_pool_vmm_is_jailed(service, testguest) -> None:
         root, chroot = os.stat(f"/proc/{pid}/root/"), os.stat(svc.run_dir / vm_id / "root")
         assert (root.st_dev, root.st_ino) == (chroot.st_dev, chroot.st_ino)
         assert "vm.mem" in os.listdir(f"/proc/{pid}/root/snapshot")
+        api = os.stat(svc.run_dir / vm_id / "root" / "api.sock")  # bound by the zygote, for the VMM
+        assert (api.st_uid, api.st_gid) == (uid, uid)
         for ns in ("mnt", "pid", "ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
         groups = Path(f"/proc/{pid}/cgroup").read_text()

@@ -169,6 +169,19 @@ class ApiServer:
         self._selector.register(sock, selectors.EVENT_READ, "listener")
         self._selector.register(self._wake_efd, selectors.EVENT_READ, "wake")
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve on `sock`, a stream socket already bound at `path` and listening (instead of `bind`).
+
+        The zygote binds a pool VMM's socket before it forks it, so a client may
+        connect (and queue its first request) as soon as the VMM exists.
+        """
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ApiServerError("the API socket handed over is not a Unix stream socket")
+        sock.setblocking(False)
+        self._listener = sock
+        self._selector.register(sock, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wake_efd, selectors.EVENT_READ, "wake")
+
     def start(self) -> None:
         """Bind if needed and serve on a new thread (``fc_api``), under the api seccomp filter.
 

@@ -425,3 +425,28 @@ def test_stop_closes_connections_and_removes_the_socket(serve) -> None:
     assert not os.path.exists(server.path)
     assert is_closed(s)
     assert repr(server).startswith("<ApiServer ") and "stopped" in repr(server)
+
+
+def test_an_adopted_socket_serves_the_requests_queued_before_the_server_started(sock_dir: str) -> None:
+    """The zygote binds a VMM's socket before forking it: a client may connect and send first."""
+    path = os.path.join(sock_dir, "adopted.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.bind(path)
+    listener.listen(8)
+    early = RawClient(path)  # queued in the backlog: nobody accepts yet
+    early.sendall(b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n")
+    server = ApiServer(path, Recorder())
+    server.adopt(listener)
+    server.start()
+    try:
+        assert read_response(early)[0] == 200
+        assert get(server, "/later")[0] == 200
+    finally:
+        server.stop()
+    assert not os.path.exists(path)
+
+
+def test_only_a_unix_stream_socket_is_adopted(sock_dir: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        with pytest.raises(ApiServerError, match="not a Unix stream socket"):
+            ApiServer(os.path.join(sock_dir, "x.sock"), Recorder()).adopt(dgram)

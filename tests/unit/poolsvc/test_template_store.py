@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -40,3 +42,20 @@ def test_a_missing_template_is_not_found(store: TemplateStore) -> None:
 def test_a_damaged_file_is_ignored_not_fatal(store: TemplateStore, content: str) -> None:
     (store.dir / "py" / "pool.json").write_text(content)
     assert store.pool_settings("py") is None
+
+
+def test_a_verified_files_identity_survives_the_jails_hard_links_but_not_a_write(tmp_path) -> None:
+    from poolsvc.launcher import _file_identity
+
+    f = tmp_path / "vm.mem"
+    f.write_bytes(b"memory")
+    before = _file_identity(f)
+    time.sleep(0.02)  # past the coarse clock's tick: the link below does change the file's ctime
+    os.link(f, tmp_path / "jail-link")  # what every jail does, and undoes at destroy
+    os.unlink(tmp_path / "jail-link")
+    assert _file_identity(f) == before
+    with open(f, "r+b") as fh:
+        fh.write(b"M")
+    os.utime(f, ns=(0, 12345))
+    assert _file_identity(f) != before
+    assert _file_identity(tmp_path / "missing") == ()
