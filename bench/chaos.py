@@ -1297,7 +1297,10 @@ def _untracked(service: ServiceProcess) -> tuple[list[str], list[str]]:
     finally:
         rpc.close()
     vmms = [f"{vm_id} (pid {pid})" for pid, vm_id in service_vmms(service.run_dir).items() if vm_id not in listed]
-    dirs = [p.name for p in service.run_dir.iterdir() if p.is_dir() and p.name not in listed]
+    dirs = [p.name for p in service.run_dir.iterdir() if p.is_dir() and p.name not in listed and p.name != ".jail"]
+    jails = service.run_dir / ".jail"  # the chroots (poolsvc.launcher), one per VM
+    if jails.is_dir():
+        dirs += [f".jail/{p.name}" for p in jails.iterdir() if p.name not in listed]
     return vmms, dirs
 
 

@@ -12,7 +12,7 @@ import os
 
 __all__ = [
     "CLONE_NEWNS", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWPID", "CLONE_NEWNET",
-    "MS_RDONLY", "MS_NOSUID", "MS_REMOUNT", "MS_BIND", "MS_REC", "MS_PRIVATE", "MNT_DETACH",
+    "MS_RDONLY", "MS_NOSUID", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_REC", "MS_PRIVATE", "MNT_DETACH",
     "unshare", "setns", "mount", "umount2", "pivot_root", "sethostname",
     "drop_bounding_set", "clear_ambient", "set_no_new_privs", "no_new_privs", "clear_capabilities",
     "capabilities", "set_child_subreaper", "last_cap",
@@ -27,6 +27,7 @@ CLONE_NEWNET = 0x40000000
 # <linux/mount.h>
 MS_RDONLY = 1
 MS_NOSUID = 2
+MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
@@ -98,13 +99,15 @@ def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(fd, nstype), f"setns({nstype:#x})")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    """mount(2) without filesystem data."""
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2); `data`: the filesystem's options as text (e.g. tmpfs ``size=64m,mode=0700``), or none."""
     src = os.fsencode(source) if source is not None else None
     fst = os.fsencode(fstype) if fstype is not None else None
-    # SAFETY: the three strings are NUL-terminated bytes objects that live (locals) for the whole call;
-    # data is NULL, which every mount type used here (bind, propagation change, remount) accepts.
-    _check(_libc.mount(src, os.fsencode(target), fst, flags, None), f"mount({source!r}, {target!r}, {flags:#x})")
+    opts = os.fsencode(data) if data is not None else None
+    # SAFETY: the four strings are NUL-terminated bytes objects that live (locals) for the whole call;
+    # data is NULL (bind, propagation change, remount accept that) or a text option string, which is
+    # what every filesystem that takes options (tmpfs here) reads from it.
+    _check(_libc.mount(src, os.fsencode(target), fst, flags, opts), f"mount({source!r}, {target!r}, {flags:#x})")
 
 
 def umount2(target: str, flags: int) -> None:

@@ -1,4 +1,4 @@
-"""The jail of every pool VMM: a uid/gid and a cgroup per slot, a chroot in the VM's work directory.
+"""The jail of every pool VMM: a uid/gid and a cgroup per slot, a chroot per VM.
 
 Primer. A *jail slot* is leased by a microVM for its whole life: slot `n`
 gives the VMM uid = gid = ``uid_base + n`` (no two live VMMs share one) and
@@ -6,18 +6,20 @@ the cgroup ``<cgroup_parent>/<service id>/slot-<n>``. Cgroups are pooled:
 creating one (a directory per v1 hierarchy) is a slow host-side operation,
 so a slot's cgroup is created on first use, its limits rewritten only when
 they change, and it is removed only by `remove_cgroups` (service start and
-shutdown). The chroot is ``<workdir>/root``::
+shutdown). The chroot is the caller's directory (`Launcher`: ``<run
+root>/.jail/<vm id>``, on a tmpfs of its own)::
 
-    root/                 owned by the slot's uid, 0700
+    <chroot>/             owned by the slot's uid, 0700
       dev/kvm, dev/net/tun, dev/userfaultfd   (the host's major/minor, owned by the uid)
       snapshot/vm.state   hard links of the template's files (root-owned, 0444),
       snapshot/vm.state.sig   with its signature when the store has a snapshot key
       snapshot/vm.mem
       snapshot/rootfs.ext4   (a read-only root filesystem shared by every clone)
-      rootfs.ext4         (a writable clone's own copy, owned by the uid)
-      api.sock, vsock.sock   (made by the VMM)
+      rootfs.ext4         (a writable clone's own copy, owned by the uid, bind-mounted read-write)
+      api.sock            (bound by the zygote, owned by the uid)
+      vsock.sock          (made by the VMM)
 
-Template files on another filesystem than the run root are bind-mounted
+Template files on another filesystem than the chroot's are bind-mounted
 (read-only, in the VMM's own mount namespace) instead of hard-linked.
 The VMM joins the slot's network namespace, if it has one, inside the jail.
 """
@@ -55,6 +57,7 @@ MIB = 1 << 20
 JAIL_API_SOCK = "/api.sock"
 JAIL_VSOCK = "/vsock.sock"
 _SNAPSHOT_DIR = "/snapshot"
+_WRITABLE_ROOTFS = "/rootfs.ext4"
 _SLOT_RE = re.compile(r"slot-(\d+)")
 
 
@@ -156,13 +159,15 @@ class JailPool:
         return limits_settings(self.cgroup_version, memory_bytes=(mem_mib + cfg.mem_overhead_mib) * MIB,
                                cpu_quota_us=quota, cpu_period_us=100_000, pids=cfg.pids_max)
 
-    def build(self, vm_id: str, workdir: Path, *, state: Path, mem: Path, rootfs: Path | None, vcpus: int,
-              mem_mib: int, netns: str | None = None, new_pid_ns: bool | None = None) -> JailedVm:
-        """Lease a slot and build `vm_id`'s jail in ``workdir/root`` (template files linked in, cgroup ready).
+    def build(self, vm_id: str, chroot: Path, *, state: Path, mem: Path, rootfs: Path | None, vcpus: int,
+              mem_mib: int, netns: str | None = None, new_pid_ns: bool | None = None,
+              writable_rootfs: Path | None = None) -> JailedVm:
+        """Lease a slot and build `vm_id`'s jail in `chroot` (template files linked in, cgroup ready).
 
-        `rootfs`: a read-only root filesystem shared by the clones (a
-        writable clone's copy is the caller's: `host_path("/rootfs.ext4")`,
-        chowned to the slot's uid). Releases the slot if it fails.
+        `rootfs`: a read-only root filesystem shared by the clones.
+        `writable_rootfs`: instead, this clone's own copy (the caller's file,
+        kept outside the chroot): chowned to the slot's uid and bind-mounted
+        read-write at ``/rootfs.ext4``. Releases the slot if it fails.
         """
         slot = self.lease(vm_id)
         try:
@@ -184,7 +189,7 @@ class JailPool:
             signature = Path(f"{state}{SIG_SUFFIX}")  # a signed template's MAC, checked by the VMM
             if signature.exists():
                 sources[f"vm.state{SIG_SUFFIX}"] = signature
-            run_dev = os.stat(workdir).st_dev
+            run_dev = os.stat(chroot.parent).st_dev
             for name, src in sources.items():
                 _seal_template_file(src)
                 target = f"{_SNAPSHOT_DIR}/{name}"
@@ -192,8 +197,11 @@ class JailPool:
                     links.append(HardLink(str(src), target))
                 else:
                     binds.append(BindMount(str(src), target, read_only=True))
+            if writable_rootfs is not None:
+                os.chown(writable_rootfs, uid, uid)
+                binds.append(BindMount(str(writable_rootfs), _WRITABLE_ROOTFS, read_only=False))
             spec = JailSpec(
-                id=vm_id, chroot=str(workdir / "root"), uid=uid, gid=uid, netns=netns,
+                id=vm_id, chroot=str(chroot), uid=uid, gid=uid, netns=netns,
                 cgroup=CgroupSpec(path=cg.path, settings=settings, version=self.cgroup_version),
                 rlimits=(("no-file", self.config.no_file), ("fsize", self.config.fsize_mib << 20)),
                 new_pid_ns=self.config.new_pid_ns if new_pid_ns is None else new_pid_ns,
@@ -205,7 +213,8 @@ class JailPool:
         return JailedVm(spec=spec, slot=slot, api_sock=Path(spec.host_path(JAIL_API_SOCK)),
                         vsock_uds=Path(spec.host_path(JAIL_VSOCK)), state_path=f"{_SNAPSHOT_DIR}/vm.state",
                         mem_path=f"{_SNAPSHOT_DIR}/vm.mem",
-                        rootfs_path=f"{_SNAPSHOT_DIR}/rootfs.ext4" if rootfs is not None else None)
+                        rootfs_path=(f"{_SNAPSHOT_DIR}/rootfs.ext4" if rootfs is not None
+                                     else _WRITABLE_ROOTFS if writable_rootfs is not None else None))
 
     def cgroup_of(self, spec: JailSpec) -> Cgroup | None:
         return cgroup_of(spec, self.mounts)

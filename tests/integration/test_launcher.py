@@ -314,6 +314,42 @@ def test_zygote_protocol(home: Path) -> None:
     assert not (root / "z.sock").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="jails need root")
+def test_a_jailed_clone_writes_its_own_rootfs_copy_kept_on_disk_outside_the_jail(launcher, store, home,
+                                                                                 testguest) -> None:
+    from poolsvc.jailing import JailConfig
+
+    image = home / "rw-image.ext4"
+    image.write_bytes(bytes(1 << 20))
+    if "rw" not in {t.name for t in store.list()}:
+        store.create("rw", testguest, rootfs=image, rootfs_writable=True, boot_args="mode=echo", vcpus=1,
+                     mem_mib=64, ready_marker="ECHO READY", timeout=60)
+    lau = launcher(jail=JailConfig())
+    h = lau.restore("rw", "rw0")
+    jailed = lau.jail_of(h)
+    assert jailed is not None
+    copy = h.workdir / "rootfs.ext4"
+    st = copy.stat()
+    assert st.st_uid == jailed.spec.uid and st.st_dev != os.stat(lau.jail_root).st_dev  # on disk, the VM's
+    assert Path(jailed.spec.chroot).parent == lau.jail_root and lau.jail_tmpfs
+    # The VMM has that copy open read-write (bind-mounted at /rootfs.ext4 in its jail).
+    open_rw = []
+    for fd in os.listdir(f"/proc/{h.pid}/fd"):
+        try:
+            fst = os.stat(f"/proc/{h.pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
+            flags = int(Path(f"/proc/{h.pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+            open_rw.append(flags & os.O_ACCMODE == os.O_RDWR)
+    assert open_rw == [True]
+    lau.resume(h)
+    lau.destroy(h)
+    assert not h.workdir.exists() and not Path(jailed.spec.chroot).exists()
+    lau.close()
+    assert not lau.jail_root.exists() and not os.path.ismount(lau.jail_root)  # nothing left mounted
+
+
 def test_the_zygote_binds_the_api_socket_before_it_forks(home: Path) -> None:
     root = home / "zb"
     root.mkdir()

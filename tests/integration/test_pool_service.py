@@ -216,8 +216,12 @@ def test_a_crashed_service_leaves_nothing_after_restart(service, testguest, home
     svc2.wait_pool("tg", 2)
     sb = _acquire(svc2)
     assert AgentClient(sb.agent.vsock_uds_path, sb.agent.port).ping() == "testguest"
+    assert _fstype(svc2.run_dir / ".jail") == "tmpfs"  # the predecessor's was replaced, not stacked on
+    assert sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if f" {svc2.run_dir}/" in line) == 1
     assert svc2.terminate() == 0
     assert not [d for d in svc2.run_dir.iterdir() if d.is_dir()], list(svc2.run_dir.iterdir())
+    assert str(svc2.run_dir) not in Path("/proc/self/mountinfo").read_text()  # no mount left behind
 
 
 def test_health_checking_and_exec_on_an_agent_without_exec(service, testguest) -> None:
@@ -248,6 +252,16 @@ def test_health_checking_and_exec_on_an_agent_without_exec(service, testguest) -
     assert svc.terminate() == 0
 
 
+def _fstype(path: Path) -> str | None:
+    """The filesystem type of the mount at `path` exactly (None: not a mount point)."""
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(path):
+            found = fields[fields.index("-") + 1]  # the last mount there is the one in use
+    return found
+
+
 def _proc_status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in
                                          Path(f"/proc/{pid}/status").read_text().splitlines())}
@@ -274,10 +288,10 @@ def test_every_pool_vmm_is_jailed(service, testguest) -> None:
         for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(st[cap], 16) == 0, (vm_id, cap)
         assert st["NSpid"].split()[-1] == "1"  # pid 1 of its own PID namespace
-        root, chroot = os.stat(f"/proc/{pid}/root/"), os.stat(svc.run_dir / vm_id / "root")
+        root, chroot = os.stat(f"/proc/{pid}/root/"), os.stat(svc.run_dir / ".jail" / vm_id)
         assert (root.st_dev, root.st_ino) == (chroot.st_dev, chroot.st_ino)
         assert "vm.mem" in os.listdir(f"/proc/{pid}/root/snapshot")
-        api = os.stat(svc.run_dir / vm_id / "root" / "api.sock")  # bound by the zygote, for the VMM
+        api = os.stat(svc.run_dir / ".jail" / vm_id / "api.sock")  # bound by the zygote, for the VMM
         assert (api.st_uid, api.st_gid) == (uid, uid)
         for ns in ("mnt", "pid", "ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
@@ -288,6 +302,7 @@ def test_every_pool_vmm_is_jailed(service, testguest) -> None:
         assert any(line.startswith("Max open files") and line.split()[3:5] == ["2048", "2048"] for line in limits)
         assert any(line.startswith("Max file size") and line.split()[3] == str(16384 << 20) for line in limits)
     assert len(uids) == len(pids)  # unique per live VMM
+    assert _fstype(svc.run_dir / ".jail") == "tmpfs"  # the chroots' churn stays off the disk
     assert len({os.readlink(f"/proc/{pid}/ns/pid") for pid in pids.values()}) == len(pids)  # a PID namespace each
     # The zygote makes each VMM pid 1 of a new namespace and goes back to its own: its next child
     # is not born into the last VMM's namespace.
