@@ -26,6 +26,12 @@ Files of one clone, in ``<run root>/<vm_id>/`` (run root: by default
     api.sock     the VMM's API socket       vsock.sock   its vsock UDS (+ vsock.sock_<port>)
     console.log  the guest's serial output  vmm.log      the VMM's stderr
     vmm.pid      {"pid", "start_time", ...} console.in   a FIFO for console input (optional)
+    rootfs.ext4  a writable clone's copy of the root filesystem (optional)
+
+A jailed clone (`poolsvc.jailing`) has its sockets in its chroot instead,
+``<run root>/.jail/<vm_id>/``; ``.jail`` is a tmpfs the launcher mounts at
+`start` and unmounts at `close` once no clone is left (jails churn inodes
+on every launch, which a disk filesystem pays for in CPU).
 
 A process is identified by its pid *and* its start time (``/proc/PID/stat``
 field 22), so a recycled pid is never signalled. `cleanup_stale` uses the
