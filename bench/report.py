@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .chaos import REPO_ROOT, ServiceProcess, _Rpc, _testguest
+from .launch_cost import _wait_warm
 
 #: The figures a run reports, in the order the summary prints them.
 FIGURES = ("launches_per_s", "acquire_p50_ms", "acquire_p90_ms", "acquire_p99_ms", "ready_p50_ms", "failures",
@@ -98,23 +99,12 @@ def _template_request(pb2: Any, guest: str) -> Any:
     if guest == "tg":
         return pb2.CreateTemplateRequest(name="tg", kernel=str(_testguest()), boot_args="mode=agent", vcpus=1,
                                          mem_mib=64)
-    from guest.images import show  # the built images of this user's EMBER_HOME
+    from types import SimpleNamespace
 
-    images = show()
-    fields = {"kernel": images["kernel"], "boot_args": images.get("boot_args") or ""}
-    if images.get("rootfs"):
-        fields["rootfs"] = images["rootfs"]
-    elif images.get("initrd"):
-        fields["initrd"] = images["initrd"]
+    from poolsvc.client_cli import _template_defaults  # what `ember template create lx` sends
+
+    fields = _template_defaults(SimpleNamespace(kernel=None, rootfs=None, initrd=None, boot_args=None))
     return pb2.CreateTemplateRequest(name="lx", vcpus=1, **fields)
-
-
-def _wait_warm(rpc: _Rpc, template: str, n: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while rpc.stub.GetPoolStatus(rpc.pb2.GetPoolStatusRequest(template=template)).warm < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the pool of {template} did not reach {n} warm VMMs in {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 def run_scenario(sc: Scenario, runs: int, duration: float, out: Path | None) -> list[dict[str, Any]]:
@@ -128,7 +118,7 @@ def run_scenario(sc: Scenario, runs: int, duration: float, out: Path | None) -> 
         pb2 = rpc.pb2
         rpc.stub.CreateTemplate(_template_request(pb2, sc.guest), timeout=600)
         rpc.stub.SetPool(pb2.SetPoolRequest(template=sc.guest, min_warm=sc.min_warm, max_warm=sc.max_warm))
-        _wait_warm(rpc, sc.guest, sc.min_warm, timeout=600)
+        _wait_warm(rpc, sc.guest, sc.min_warm, 600.0)
         time.sleep(2.0)  # the refill's last restores settle
         for i in range(runs):
             argv = [sys.executable, "-m", "bench.load", "--addr", svc.addr, "--template", sc.guest, "--duration",
@@ -146,7 +136,7 @@ def run_scenario(sc: Scenario, runs: int, duration: float, out: Path | None) -> 
             print(f"{sc.name} run {i + 1}: " + ", ".join(f"{k}={_fmt(report.get(k))}" for k in FIGURES),
                   file=sys.stderr, flush=True)
             if sc.max_warm > sc.min_warm or "--rate" in sc.load_args:
-                _wait_warm(rpc, sc.guest, sc.min_warm, timeout=600)  # the next run starts from a full pool
+                _wait_warm(rpc, sc.guest, sc.min_warm, 600.0)  # the next run starts from a full pool
         rpc.close()
         return reports
     finally:

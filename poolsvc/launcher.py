@@ -995,8 +995,6 @@ class Launcher:
         self.jails = JailPool(jail, jail_name) if jail is not None else None
         #: Where the chroots are: ``<root>/.jail/<vm id>`` (not a vm id: `cleanup_stale` skips it).
         self.jail_root = self.root / _JAIL_DIR
-        #: The jail root is a tmpfs this launcher mounted (False: a plain directory, the fallback).
-        self.jail_tmpfs = False
         #: vm id -> its jail (when jailed).
         self._jails: dict[str, JailedVm] = {}
 
@@ -1013,7 +1011,7 @@ class Launcher:
         _check_sun_path(self.root / _ZYGOTE_SOCK)
         if self.jails is not None:
             self.jails.remove_cgroups()  # what a crashed predecessor left (after cleanup_stale)
-            self.jail_tmpfs = _fresh_jail_root(self.jail_root)
+            _fresh_jail_root(self.jail_root)
         if self.use_zygote:
             self._ensure_zygote()
 
@@ -1032,7 +1030,6 @@ class Launcher:
             self.jails.remove_cgroups()  # those of live microVMs stay
             if not running:
                 _remove_jail_root(self.jail_root)
-                self.jail_tmpfs = False
 
     def __enter__(self) -> Launcher:
         self.start()
@@ -1352,8 +1349,8 @@ def describe_exit(returncode: int | None, log_tail: str = "") -> str:
 # --- crash recovery ------------------------------------------------------------------------
 
 
-def _fresh_jail_root(path: Path) -> bool:
-    """An empty jail root at `path`, on a tmpfs of its own if it can be mounted (True), else a directory.
+def _fresh_jail_root(path: Path) -> None:
+    """An empty jail root at `path`, on a tmpfs of its own if one can be mounted, else a directory.
 
     A jail (`poolsvc.jailing`) is a few directories, device nodes and sockets
     made and removed for every microVM; on a disk filesystem that churn (new
@@ -1367,8 +1364,6 @@ def _fresh_jail_root(path: Path) -> bool:
                        _JAIL_TMPFS_OPTIONS)
     except OSError as exc:
         log.warning("jails stay on the run root's filesystem: cannot mount a tmpfs", path=str(path), error=str(exc))
-        return False
-    return True
 
 
 def _remove_jail_root(path: Path) -> None:

@@ -282,11 +282,7 @@ class Zygote:
         except (KeyError, ValueError):
             pass
         self._listener.close()
-        try:
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        _unlink_socket(self.socket_path)
         self._sel.close()
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w, self._pid_ns_fd):

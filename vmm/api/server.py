@@ -164,10 +164,7 @@ class ApiServer:
                                   "Check that it is not already used.") from exc
             raise ApiServerError(f"Failed to open the API socket at: {self.path}: {exc.strerror or exc}") from exc
         sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-        self._listener = sock
-        self._selector.register(sock, selectors.EVENT_READ, "listener")
-        self._selector.register(self._wake_efd, selectors.EVENT_READ, "wake")
+        self.adopt(sock)
 
     def adopt(self, sock: socket.socket) -> None:
         """Serve on `sock`, a stream socket already bound at `path` and listening (instead of `bind`).
